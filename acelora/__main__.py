@@ -1,0 +1,5 @@
+import sys
+
+from acelora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Zero-shot classification, multi-label evaluation, prompts, metrics, downstream tasks."""

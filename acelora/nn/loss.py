@@ -1,0 +1,109 @@
+"""The training loss as an nn.Module, with the multi-GPU feature gather.
+
+Gradient convention under torch.distributed (world size W, each rank holding its local batch):
+
+* Every rank gathers the image/text features and labels of all ranks and returns the *same*
+  full-batch loss L (the value one process would compute on the concatenated batch).
+* Backward sends to the local features W · ∂L/∂x_local — what the summed gradient of a
+  differentiable all_gather gives (open_clip's ``gather_with_grad=True``), computed here without a
+  collective since every rank holds the identical L. ``logit_scale`` receives ∂L/∂s on every rank.
+* DistributedDataParallel *averages* parameter gradients over ranks, so after its all-reduce every
+  parameter (encoders and logit_scale alike) holds exactly the gradient that one process would get
+  from the full batch: 2 ranks × B/2 train like 1 process × B.
+
+Local batches may differ in size across ranks (the last batch of an epoch); they are padded for the
+collective and trimmed afterwards.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from acelora.ops.infonce import label_guided_infonce
+
+
+def _distributed_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate every rank's [n_r, ...] tensor along dim 0 (no autograd); also return the n_r."""
+    world = dist.get_world_size()
+    n_local = torch.tensor([local.shape[0]], device=local.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n_local) for _ in range(world)]
+    dist.all_gather(sizes, n_local)
+    sizes = [int(s.item()) for s in sizes]
+    n_max = max(sizes)
+    send = local.detach()
+    if send.dtype == torch.bool:  # not every backend reduces/gathers bool
+        send = send.to(torch.uint8)
+    if send.shape[0] < n_max:
+        send = torch.cat([send, send.new_zeros((n_max - send.shape[0],) + tuple(send.shape[1:]))])
+    buffers = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(buffers, send.contiguous())
+    gathered = torch.cat([buf[:n] for buf, n in zip(buffers, sizes)])
+    return gathered.to(local.dtype), sizes
+
+
+class _GatherFeatures(torch.autograd.Function):
+    """All-gather along the batch; backward returns W × the gradient of the local slot."""
+
+    @staticmethod
+    def forward(ctx, local):
+        rank, world = _distributed_world()
+        gathered, sizes = _all_gather_rows(local)
+        start = sum(sizes[:rank])
+        ctx.slot = (start, start + sizes[rank])
+        ctx.world = world
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad_gathered):
+        start, stop = ctx.slot
+        return grad_gathered[start:stop] * ctx.world
+
+
+def gather_features(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                    labels: torch.Tensor | None = None):
+    """Full-batch (image_emb, text_emb, labels) from all ranks, in rank order, with the gradient
+    convention of the module docstring. Identity when torch.distributed is not running."""
+    _, world = _distributed_world()
+    if world == 1:
+        return image_emb, text_emb, labels
+    if labels is not None:
+        labels, _ = _all_gather_rows(labels)
+    return _GatherFeatures.apply(image_emb), _GatherFeatures.apply(text_emb), labels
+
+
+class LabelGuidedInfoNCELoss(nn.Module):
+    """Label-guided InfoNCE (acelora.ops.label_guided_infonce) over the global batch.
+
+    Args:
+        gather: under torch.distributed with more than one rank, compute the loss on the features
+            and labels of all ranks (see the module docstring for the gradient convention);
+            otherwise on the local batch only.
+        backend: "auto" | "reference" | "triton", passed to the op.
+    """
+
+    def __init__(self, gather: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.gather = gather
+        self.backend = backend
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gather:
+            if image_emb.shape[0] != text_emb.shape[0]:  # checked before any collective
+                raise ValueError(f"batch sizes differ: image_emb has {image_emb.shape[0]} rows, "
+                                 f"text_emb {text_emb.shape[0]}")
+            if labels is not None and labels.shape[0] != image_emb.shape[0]:
+                raise ValueError(f"labels have {labels.shape[0]} rows but the batch has "
+                                 f"{image_emb.shape[0]}")
+            image_emb, text_emb, labels = gather_features(image_emb, text_emb, labels)
+        return label_guided_infonce(image_emb, text_emb, logit_scale, labels, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"gather={self.gather}, backend={self.backend!r}"

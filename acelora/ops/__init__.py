@@ -1,0 +1,5 @@
+"""Functional ops: autograd Functions, backend dispatch (``_backend``) and the PyTorch reference
+of each op. Backends: ``"reference" | "triton" | "cuda" | "auto"``."""
+from acelora.ops._backend import BACKENDS, resolve  # noqa: F401
+from acelora.ops.lora_qkv import lora_qkv, lora_qkv_reference  # noqa: F401,E402
+from acelora.ops.infonce import label_guided_infonce, label_guided_infonce_reference, labels_to_ids  # noqa: F401,E402

@@ -1,0 +1,1 @@
+"""The training loop, schedules, checkpoints, logging and the ``train``/``demo`` commands."""

@@ -1,0 +1,53 @@
+"""Build script: the Python package plus the LoRA-QKV extension (acelora._C).
+
+The CPU extension is always built. The CUDA one is added when a CUDA toolkit is found
+(ACELORA_NO_CUDA=1 skips it; TORCH_CUDA_ARCH_LIST picks the targets, default sm_90 only so
+CI compiles fast). The package still imports without any compiled op: ops/ then falls back
+to the PyTorch reference and says so once.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+PACKAGES = [
+    "acelora",
+    "acelora.models",
+    "acelora.nn",
+    "acelora.ops",
+    "acelora.data",
+    "acelora.eval",
+    "acelora.train",
+    "acelora.kernels",
+]
+# Triton kernels live in the top-level kernels/ folder but ship as acelora.kernels.
+PACKAGE_DIR = {"acelora": "acelora", "acelora.kernels": "kernels"}
+
+
+def _extensions():
+    if os.environ.get("ACELORA_NO_EXT") == "1":
+        return [], {}
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:  # metadata-only builds
+        return [], {}
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    if not cpp_sources:
+        return [], {}
+    cxx_flags = ["-O3", "-std=c++17"]
+    ext_modules = [cpp_extension.CppExtension("acelora._C", cpp_sources,
+                                              extra_compile_args={"cxx": cxx_flags})]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    want_cuda = os.environ.get("ACELORA_NO_CUDA") != "1" and cpp_extension.CUDA_HOME is not None
+    if cuda_sources and want_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        ext_modules.append(cpp_extension.CUDAExtension(
+            "acelora._C_cuda", cuda_sources,
+            extra_compile_args={"cxx": cxx_flags,
+                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]}))
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return ext_modules, cmdclass
+
+
+ext_modules, cmdclass = _extensions()
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
