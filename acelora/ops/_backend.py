@@ -22,6 +22,10 @@ import torch
 BACKENDS = ("reference", "triton", "cuda", "auto")
 # Preference per device type when backend="auto".
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
+# Per-op exceptions to AUTO_ORDER, {(op, device_type): order}, set by the op modules.
+AUTO_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {}
+# Ops whose "cuda" backend (the compiled extension) also has C++ kernels for CPU tensors.
+CPU_EXTENSION_OPS: set[str] = set()
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
 
@@ -59,6 +63,11 @@ def backend_available(op: str, backend: str, device: torch.device) -> tuple[bool
             return True, ""
         return False, "triton needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
     if backend == "cuda":
+        if device.type == "cpu" and op in CPU_EXTENSION_OPS:
+            from acelora.ops import _extension
+            if _extension.cpu_ops_available():
+                return True, ""
+            return False, _extension.unavailable_reason()
         if device.type != "cuda":
             return False, "the CUDA extension needs CUDA tensors"
         from acelora.ops import _extension
@@ -81,13 +90,17 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
         if not ok:
             raise RuntimeError(f"backend {backend!r} cannot run {op} on {device.type} tensors: {why}")
         return backend
-    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+    for candidate in auto_order(op, device.type):
         ok, why = backend_available(op, candidate, device)
         if ok:
             return candidate
         if candidate != "reference" and device.type == "cuda" and "not installed" in why:
             _warn_once(op, candidate, why)
     raise RuntimeError(f"no backend can run {op} on {device.type} tensors")
+
+
+def auto_order(op: str, device_type: str) -> tuple[str, ...]:
+    return AUTO_ORDER_OVERRIDES.get((op, device_type), AUTO_ORDER.get(device_type, ("reference",)))
 
 
 def implementation(op: str, backend: str, device: torch.device) -> Callable:
