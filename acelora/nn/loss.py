@@ -13,6 +13,11 @@ Gradient convention under torch.distributed (world size W, each rank holding its
 
 Local batches may differ in size across ranks (the last batch of an epoch); they are padded for the
 collective and trimmed afterwards.
+
+Unlike open_clip's ``local_loss=True`` (each rank: its own rows against all columns, then the mean
+of the ranks' means), every rank evaluates the whole global loss. That costs W× the loss FLOPs (the
+fused kernel never stores the B×B logits, so not W× the memory) and gives exactly the one-process
+gradient even for ragged batches, where a mean of local means would re-weight the samples.
 """
 from __future__ import annotations
 

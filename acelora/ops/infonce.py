@@ -14,9 +14,11 @@ recomputes the tiles (acelora.kernels.infonce).
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from acelora.ops._backend import implementation, register
 
@@ -43,8 +45,24 @@ def labels_to_ids(labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(torch.uint8)
     if labels.shape[1] == 0:  # no findings at all: every row is the same (empty) vector
         return torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
+    if labels.device.type == "cuda":
+        return _group_rows_sync_free(labels)
     _, ids = torch.unique(labels, dim=0, return_inverse=True)
     return ids
+
+
+def _group_rows_sync_free(labels: torch.Tensor) -> torch.Tensor:
+    """Same grouping as ``torch.unique(dim=0, return_inverse=True)`` without its device sync
+    (unique's output size depends on the data): a lexicographic order from one stable sort per
+    column, then a new id wherever consecutive sorted rows differ. O(L · B log B), no B×B."""
+    n, n_cols = labels.shape
+    perm = torch.arange(n, device=labels.device)
+    for k in range(n_cols - 1, -1, -1):  # least significant column first
+        perm = perm[torch.sort(labels[perm, k], stable=True).indices]
+    ordered = labels[perm]
+    new_group = (ordered[1:] != ordered[:-1]).any(dim=1)
+    group = torch.cat([new_group.new_zeros(1), new_group]).long().cumsum(0)
+    return torch.empty_like(group).scatter_(0, perm, group)
 
 
 def check_infonce_args(image_emb, text_emb, logit_scale, labels) -> None:
@@ -103,26 +121,57 @@ def label_guided_infonce_reference(image_emb, text_emb, logit_scale, labels=None
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+# The kernels as opaque custom ops: torch.compile keeps them whole (no graph break, no tracing
+# into the launch code); autograd is the Function below.
+@torch.library.custom_op("acelora::infonce_fwd", mutates_args=())
+def _infonce_fwd_op(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
+                    ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from acelora.kernels import infonce as kernels
+
+    return kernels.infonce_fwd(image_emb, text_emb, scale, ids)
+
+
+@_infonce_fwd_op.register_fake
+def _(image_emb, text_emb, scale, ids):
+    n = image_emb.shape[0]
+    return tuple(image_emb.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("acelora::infonce_grad", mutates_args=())
+def _infonce_grad_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
+                     lse_a: torch.Tensor, lse_b: torch.Tensor, ids: Optional[torch.Tensor],
+                     with_dscale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from acelora.kernels import infonce as kernels
+
+    da, dscale_rows = kernels.infonce_grad(a, b, scale, coef, lse_a, lse_b, ids, with_dscale)
+    return da, (dscale_rows if with_dscale else lse_a.new_empty(0))  # ops cannot return None
+
+
+@_infonce_grad_op.register_fake
+def _(a, b, scale, coef, lse_a, lse_b, ids, with_dscale):
+    n = a.shape[0] if with_dscale else 0
+    return torch.empty_like(a, memory_format=torch.contiguous_format), lse_a.new_empty(n)
+
+
 class _LabelGuidedInfoNCETriton(torch.autograd.Function):
     """Forward saves the row and column log-sum-exps ([B] each); backward recomputes the tiles."""
 
     @staticmethod
     def forward(ctx, image_emb, text_emb, logit_scale, ids):
-        from acelora.kernels import infonce as kernels
-
         n = image_emb.shape[0]
         scale = logit_scale.detach().reshape(1).to(torch.float32).contiguous()
-        lse_rows, diag_dots = kernels.infonce_lse(image_emb, text_emb, scale, ids)  # image→text
-        lse_cols, _ = kernels.infonce_lse(text_emb, image_emb, scale, ids)          # text→image
-        loss = (lse_rows.sum() + lse_cols.sum() - 2 * scale[0] * diag_dots.sum()) / (2 * n)
+        # One pass over the tiles gives both directions: image→text rows, text→image columns.
+        lse_rows, lse_cols, diag_dots = _infonce_fwd_op(image_emb, text_emb, scale, ids)
+        positive = scale[0] * diag_dots
+        # Per-sample cross-entropies first: small terms, no cancellation between large sums.
+        loss = ((lse_rows - positive).sum() + (lse_cols - positive).sum()) / (2 * n)
         ctx.save_for_backward(image_emb, text_emb, ids, scale, lse_rows, lse_cols, diag_dots)
         ctx.scale_meta = (logit_scale.shape, logit_scale.dtype)
         return loss
 
     @staticmethod
+    @once_differentiable  # the kernels are not differentiable: no silent zero second derivative
     def backward(ctx, grad_loss):
-        from acelora.kernels import infonce as kernels
-
         image_emb, text_emb, ids, scale, lse_rows, lse_cols, diag_dots = ctx.saved_tensors
         n = image_emb.shape[0]
         g = grad_loss.reshape(1).to(torch.float32)
@@ -131,15 +180,17 @@ class _LabelGuidedInfoNCETriton(torch.autograd.Function):
         need_image, need_text, need_scale = ctx.needs_input_grad[:3]
         d_image = d_text = d_scale = None
         if need_image or need_scale:
-            d_image, dscale_rows = kernels.infonce_grad(
-                image_emb, text_emb, scale, coef, lse_rows, lse_cols, ids, with_dscale=need_scale)
+            d_image, dscale_rows = _infonce_grad_op(
+                image_emb, text_emb, scale, coef, lse_rows, lse_cols, ids, need_scale)
             if need_scale:
-                d_scale = g[0] * (dscale_rows.sum() / (2 * n) - diag_dots.sum() / n)
+                # dL/ds = g/B · Σ_i (½ Σ_j P_ij ⟨I_i, T_j⟩ − ⟨I_i, T_i⟩), summed per row first.
+                d_scale = g[0] * (0.5 * dscale_rows - diag_dots).sum() / n
                 d_scale = d_scale.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
             if not need_image:
                 d_image = None
         if need_text:
-            d_text, _ = kernels.infonce_grad(text_emb, image_emb, scale, coef, lse_cols, lse_rows, ids)
+            d_text, _ = _infonce_grad_op(text_emb, image_emb, scale, coef, lse_cols, lse_rows, ids,
+                                         False)
         return d_image, d_text, d_scale, None
 
 
