@@ -1,0 +1,237 @@
+"""``acelora eval {zeroshot,multilabel,segment,detect}`` and ``acelora predict``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+
+from acelora.eval.loading import MULTILABEL_DATASETS, ZEROSHOT_DATASETS
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="biomedclip",
+                   help="base model: tiny | biomedclip | a local model folder (default: biomedclip)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--adapters", metavar="DIR", help="folder of saved ACE-LoRA adapters")
+    src.add_argument("--official", metavar="CKPT", help="the released ACE_LoRA.pt checkpoint")
+    g.add_argument("--config", default=None,
+                   help="preset (paper | official) for --official or a fresh ACE-LoRA model")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    g.add_argument("--no-merge", action="store_true",
+                   help="keep LoRA as a side branch instead of folding it into the weights")
+
+
+def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                   help="unreadable images: count and skip (default) or stop")
+    p.add_argument("--out", required=out_required, metavar="DIR", help="folder for the report files")
+
+
+def _add_downstream_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", required=True, help="the dataset folder (official layout)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0],
+                   help="fractions of the training split to train the head on (default 0.01 0.1 1)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--min-steps", type=int, default=100,
+                   help="train each head for at least this many optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--head-batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_commands(subparsers) -> None:
+    ev = subparsers.add_parser("eval", help="evaluate a model (zero-shot, multi-label, downstream)",
+                               description="Evaluate a base or ACE-LoRA model.")
+    tasks = ev.add_subparsers(dest="task", metavar="TASK")
+    ev.set_defaults(func=lambda args: (ev.print_help(), 2)[1])
+
+    zs = tasks.add_parser("zeroshot", help="zero-shot classification (accuracy, balanced acc., F1, AUROC)")
+    _add_model_args(zs)
+    zs.add_argument("--dataset", required=True, choices=ZEROSHOT_DATASETS)
+    zs.add_argument("--root", required=True,
+                    help="dataset folder (or the CSV file for --dataset csv / chexpert5x200)")
+    zs.add_argument("--split", default="test", help="rsna/siim split: train | valid | test | all")
+    zs.add_argument("--classes", nargs="+", help="class names for the prompts (default: the protocol's)")
+    zs.add_argument("--templates", nargs="+", help="prompt templates with {c} (default: DESIGN §9's)")
+    zs.add_argument("--image-col", default="path", help="--dataset csv: image path column")
+    zs.add_argument("--label-col", default="label", help="--dataset csv: class column")
+    _add_run_args(zs)
+    zs.set_defaults(func=run_zeroshot)
+
+    ml = tasks.add_parser("multilabel", help="per-finding positive/negative prompts (AUROC, acc., F1)")
+    _add_model_args(ml)
+    ml.add_argument("--dataset", required=True, choices=MULTILABEL_DATASETS)
+    ml.add_argument("--root", required=True, help="NIH folder, or the CSV file for --dataset csv")
+    ml.add_argument("--split", default="test", help="nih split: test | train_val | all")
+    ml.add_argument("--classes", nargs="+",
+                    help="finding names (csv: the columns to use; default every other column)")
+    ml.add_argument("--positive-templates", nargs="+", help="positive prompt templates with {c}")
+    ml.add_argument("--negative-templates", nargs="+", help="negative prompt templates with {c}")
+    ml.add_argument("--image-col", default="path", help="--dataset csv: image path column")
+    _add_run_args(ml)
+    ml.set_defaults(func=run_multilabel)
+
+    seg = tasks.add_parser("segment", help="SIIM segmentation with a decoder on frozen patch tokens (Dice)")
+    _add_model_args(seg)
+    _add_downstream_args(seg)
+    _add_run_args(seg)
+    seg.set_defaults(func=run_segment)
+
+    det = tasks.add_parser("detect", help="RSNA detection with a head on frozen patch tokens (mAP)")
+    _add_model_args(det)
+    _add_downstream_args(det)
+    _add_run_args(det)
+    det.set_defaults(func=run_detect)
+
+    pr = subparsers.add_parser("predict", help="zero-shot class probabilities of image files",
+                               description="Per-class probabilities of DICOM/PNG/JPEG images.")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--classes", nargs="+", required=True, help="class names (at least two)")
+    pr.add_argument("--templates", nargs="+", help="prompt templates with {c}")
+    _add_model_args(pr)
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pr.set_defaults(func=run_predict)
+
+
+# --- runners ------------------------------------------------------------------------------
+
+def _device(args):
+    if args.device:
+        return args.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model(args):
+    from acelora.eval.loading import load_model
+
+    return load_model(args.model, adapters=args.adapters, official=args.official,
+                      config=args.config, device=_device(args))
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_zeroshot(args) -> int:
+    from acelora.eval.loading import build_zeroshot_dataset, dataset_transform
+    from acelora.eval.zeroshot import zero_shot_evaluate
+
+    _setup_logging()
+    model = _model(args)
+    dataset = build_zeroshot_dataset(args.dataset, args.root, dataset_transform(model), split=args.split,
+                                     image_col=args.image_col, label_col=args.label_col,
+                                     # csv: --classes also fixes the label order (names or ids)
+                                     classes=args.classes if args.dataset == "csv" else None,
+                                     on_error=args.on_error)
+    result = zero_shot_evaluate(model, dataset, classnames=args.classes, templates=args.templates,
+                                batch_size=args.batch_size, num_workers=args.num_workers,
+                                on_error=args.on_error, merge=not args.no_merge, out_dir=args.out,
+                                name=f"zeroshot_{args.dataset}")
+    print(f"zero-shot {args.dataset}: n={result['n']} skipped={result['skipped']}")
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
+        print(f"  {key:18s} {_fmt(result[key])}")
+    print(f"report: {result['files']['json']}")
+    return 0
+
+
+def run_multilabel(args) -> int:
+    from acelora.eval.loading import build_multilabel_dataset, dataset_transform
+    from acelora.eval.multilabel import multilabel_evaluate
+    from acelora.eval.prompts import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES, finding_text
+
+    _setup_logging()
+    model = _model(args)
+    columns = args.classes if args.dataset == "csv" else None
+    dataset = build_multilabel_dataset(args.dataset, args.root, dataset_transform(model), split=args.split,
+                                       image_col=args.image_col, findings=columns, on_error=args.on_error)
+    findings = [finding_text(c) for c in args.classes] if args.classes else None
+    result = multilabel_evaluate(model, dataset, findings=findings,
+                                 positive_templates=args.positive_templates or POSITIVE_TEMPLATES,
+                                 negative_templates=args.negative_templates or NEGATIVE_TEMPLATES,
+                                 batch_size=args.batch_size, num_workers=args.num_workers,
+                                 on_error=args.on_error, merge=not args.no_merge, out_dir=args.out,
+                                 name=f"multilabel_{args.dataset}")
+    print(f"multi-label {args.dataset}: n={result['n']} skipped={result['skipped']}")
+    for name, row in result["per_finding"].items():
+        print(f"  {name:32s} auroc {_fmt(row['auroc'])}  acc {_fmt(row['accuracy'])}  f1 {_fmt(row['f1'])}")
+    print(f"  {'mean':32s} auroc {_fmt(result['mean_auroc'])}  acc {_fmt(result['mean_accuracy'])}  "
+          f"f1 {_fmt(result['macro_f1'])}")
+    print(f"report: {result['files']['json']}")
+    return 0
+
+
+def _downstream(args, task: str) -> int:
+    from acelora.eval import downstream
+    from acelora.eval.loading import _evaluation_mode, dataset_transform
+
+    _setup_logging()
+    model = _model(args)
+    transform = dataset_transform(model)
+    common = dict(fractions=args.fractions, epochs=args.epochs, batch_size=args.head_batch_size,
+                  lr=args.lr, min_steps=args.min_steps, seed=args.seed,
+                  num_workers=args.num_workers, on_error=args.on_error, out_dir=args.out)
+    if task == "segment":
+        from acelora.data.siim import SIIMPneumothoraxDataset
+
+        train, test = (_evaluation_mode(SIIMPneumothoraxDataset(
+            args.root, split=s, transform=transform, with_mask=True, on_error=args.on_error))
+            for s in ("train", "test"))
+        result = downstream.segmentation_evaluate(model, train, test, name="segment_siim", **common)
+        metric = "dice"
+    else:
+        from acelora.data.rsna import RSNAPneumoniaDataset
+
+        train, test = (_evaluation_mode(RSNAPneumoniaDataset(
+            args.root, split=s, transform=transform, on_error=args.on_error)) for s in ("train", "test"))
+        result = downstream.detection_evaluate(model, train, test, name="detect_rsna", **common)
+        metric = "map"
+        print(f"mAP backend: {result.get('map_backend')}")
+    print(f"{task}: n_train={result['n_train']} n_test={result['n_test']} skipped={result['skipped']}")
+    if task == "detect" and not result["test_boxes"]:
+        print("  note: the test split holds no ground-truth box, so mAP is undefined (n/a)")
+    if task == "segment" and not result["test_positives"]:
+        print("  note: the test split holds no positive mask; Dice counts empty-vs-empty as 1")
+    for key, row in result["fractions"].items():
+        print(f"  {key:>5s} of train ({row['n_train']:5d} images): {metric} {_fmt(row[metric])}")
+    print(f"report: {result['files']['json']}")
+    return 0
+
+
+def run_segment(args) -> int:
+    return _downstream(args, "segment")
+
+
+def run_detect(args) -> int:
+    return _downstream(args, "detect")
+
+
+def run_predict(args) -> int:
+    from acelora.eval.predict import format_predictions, predict
+    from acelora.eval.prompts import DEFAULT_TEMPLATES
+
+    model = _model(args)
+    results = predict(model, args.images, args.classes, templates=args.templates or DEFAULT_TEMPLATES,
+                      batch_size=args.batch_size, merge=not args.no_merge)
+    print(format_predictions(results, as_json=args.json))
+    return 0 if all("probs" in r for r in results) else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="acelora")
+    add_commands(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args()
+    sys.exit(ns.func(ns))
