@@ -1,0 +1,557 @@
+"""The contrastive training loop.
+
+One optimizer step sees ``batch_size`` image–text pairs over all ranks. With ``grad_accum = k``
+each rank splits its share into k micro-batches and accumulates *exactly* the gradient of the
+full-batch loss (a contrastive loss is not a sum over micro-batches, so plain gradient
+accumulation would change the negatives): the embeddings of every micro-batch are computed
+without a graph first, the loss and its gradient w.r.t. the embeddings are taken on the whole
+batch, then each micro-batch is re-run with its original RNG state (same dropout masks) and
+back-propagates its slice of that gradient. k micro-batches of B/k therefore give the gradient of
+one batch of B, at the memory of B/k (plus one extra forward).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from acelora.nn.loss import LabelGuidedInfoNCELoss
+from acelora.train.checkpoint import atomic_directory, load_checkpoint, save_checkpoint
+from acelora.train.distributed import DistInfo, all_reduce_mean, barrier
+from acelora.train.logger import MetricLogger
+from acelora.train.optim import build_optimizer, build_scheduler, trainable_named_parameters
+from acelora.train.settings import TrainConfig
+
+log = logging.getLogger("acelora.train")
+
+DEFAULT_TEMPLATES = ("a chest X-ray image of {c}.", "Findings suggesting {c}.")
+
+
+# --- determinism ------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast for ``precision`` "bf16", or "auto" on a GPU; nothing for "fp32"/"auto" on CPU."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _rng_snapshot(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _rng_restore(snapshot: tuple, device: torch.device) -> None:
+    cpu, cuda = snapshot
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+# --- gradient checkpointing -----------------------------------------------------------------
+
+# Containers of transformer blocks: timm ViT ("blocks"), HF BERT ("encoder.layer"), open_clip
+# ("resblocks").
+_BLOCK_CONTAINERS = ("blocks", "layer", "layers", "resblocks")
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def apply_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute every transformer block's activations in the backward pass (non-reentrant
+    ``torch.utils.checkpoint``; dropout masks are replayed). Returns how many blocks were
+    wrapped; idempotent."""
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        if name.rsplit(".", 1)[-1] not in _BLOCK_CONTAINERS:
+            continue
+        for block in module:
+            if getattr(block, "_acelora_checkpointed", False):
+                count += 1
+                continue
+            block.forward = functools.partial(_checkpointed_forward, block.forward)
+            block._acelora_checkpointed = True
+            count += 1
+    return count
+
+
+# --- data -------------------------------------------------------------------------------------
+
+class EpochSampler(Sampler[int]):
+    """This rank's indices of one epoch: a permutation fixed by ``(seed, epoch)`` cut to whole
+    global batches, rank ``r`` taking positions ``r, r + W, r + 2W, ...``.
+
+    So global step ``s`` covers permutation entries ``[s·B, (s+1)·B)`` whatever the world size
+    and ``set_epoch(epoch, skip_batches)`` resumes in the middle of an epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the world size {world_size}")
+        self.n, self.batch_size, self.world, self.rank = n, batch_size, world_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.skip_batches = 0, 0
+        self.steps_per_epoch = n // batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the data set has {n} items, fewer than one batch of {batch_size}")
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = int(epoch), int(skip_batches)
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g)
+        else:
+            perm = torch.arange(self.n)
+        perm = perm[: self.steps_per_epoch * self.batch_size]
+        mine = perm[self.rank::self.world]
+        return mine[self.skip_batches * (self.batch_size // self.world):].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.skip_batches) * (self.batch_size // self.world)
+
+
+class PairCollator:
+    """Image–text items → ``dict(images, input_ids, attention_mask, labels)``; the text is
+    tokenised by the model's tokenizer and padded to the batch's longest report."""
+
+    def __init__(self, tokenizer: Callable, context_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        if not items:
+            raise ValueError("empty batch")
+        missing = [k for k in ("image", "text") if k not in items[0]]
+        if missing:
+            raise KeyError(f"image-text items need keys 'image' and 'text'; missing {missing}")
+        texts = [it["text"] for it in items]
+        tokens = (self.tokenizer(texts, context_length=self.context_length)
+                  if self.context_length else self.tokenizer(texts))
+        out = {"images": torch.stack([it["image"] for it in items]),
+               "input_ids": torch.as_tensor(tokens["input_ids"], dtype=torch.long),
+               "attention_mask": torch.as_tensor(tokens["attention_mask"], dtype=torch.long)}
+        if "labels" in items[0]:
+            out["labels"] = torch.stack([torch.as_tensor(it["labels"], dtype=torch.float32) for it in items])
+        return out
+
+
+# --- the model seen by the loop ---------------------------------------------------------------
+
+class ContrastiveForward(nn.Module):
+    """``(images, input_ids, attention_mask) -> (image_emb, text_emb, logit multiplier)``.
+
+    One module around the model so DistributedDataParallel sees every parameter use inside its
+    forward (the ``logit_scale`` too).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, input_ids, attention_mask):
+        image = self.model.encode_image(images, normalize=True)
+        text = self.model.encode_text(input_ids, attention_mask, normalize=True)
+        return image, text, self.model.logit_scale.exp()
+
+
+# --- zero-shot validation ---------------------------------------------------------------------
+
+@torch.no_grad()
+def zero_shot_accuracy(model: nn.Module, dataset, classnames: Sequence[str] | None = None,
+                       templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 64,
+                       device: torch.device | None = None) -> dict[str, float]:
+    """Zero-shot accuracy and balanced accuracy of ``model`` on ``dataset`` (items with ``image``
+    and an int ``label``; class names from ``classnames`` or ``dataset.classes``).
+
+    Class embedding = normalised mean of the normalised embeddings of the class's prompts (one
+    per template), as DESIGN §9. Runs in eval mode without merging LoRA (the weights are left
+    bit-for-bit untouched, which exact resume relies on).
+    """
+    classnames = list(classnames or getattr(dataset, "classes", None) or [])
+    if not classnames:
+        raise ValueError("zero-shot evaluation needs class names (argument or dataset.classes)")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        prompts = [t.replace("{c}", c) for c in classnames for t in templates]
+        tokens = model.tokenizer(prompts)
+        text = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
+                                 normalize=True).float()
+        text = F.normalize(text, dim=-1).view(len(classnames), len(templates), -1).mean(1)
+        class_emb = F.normalize(text, dim=-1)
+        preds, targets = [], []
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+            images = torch.stack([it["image"] for it in items]).to(device)
+            emb = F.normalize(model.encode_image(images, normalize=True).float(), dim=-1)
+            preds.append((emb @ class_emb.T).argmax(-1).cpu())
+            targets.append(torch.tensor([int(it["label"]) for it in items]))
+        pred, target = torch.cat(preds), torch.cat(targets)
+    finally:
+        model.train(was_training)
+    correct = pred == target
+    recalls = [correct[target == c].float().mean().item() for c in range(len(classnames))
+               if (target == c).any()]
+    return {"accuracy": correct.float().mean().item(), "balanced_accuracy": float(np.mean(recalls))}
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+def _save_weights(model: nn.Module, directory: str) -> None:
+    """Adapters (``model.save_adapters``) or, for models without adapters, the trainable
+    parameters as safetensors."""
+    if hasattr(model, "save_adapters"):
+        model.save_adapters(directory)
+        return
+    from safetensors.torch import save_file
+    state = {n: p.detach().cpu().contiguous() for n, p in trainable_named_parameters(model)}
+    save_file(state, os.path.join(directory, "trainable.safetensors"))
+
+
+class Trainer:
+    """Contrastive training of ``model`` (anything with ``encode_image``, ``encode_text``,
+    ``logit_scale`` and ``tokenizer``; the trainable parameters are those with
+    ``requires_grad``) on image–text ``train_dataset`` under ``cfg``.
+
+    ``evaluate(model) -> dict[str, float]`` runs after each epoch on the main rank; the epoch
+    with the highest ``cfg.val_metric`` has its weights saved under ``output_dir/best``.
+    Outputs: ``checkpoints/last.pt`` (exact-resume state, written atomically each epoch),
+    ``adapters/`` (final weights), ``best/``, ``logs/`` (CSV, TensorBoard, ``training.png``).
+    """
+
+    def __init__(self, model: nn.Module, train_dataset, cfg: TrainConfig,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+                 dist_info: DistInfo | None = None, collate_fn: Callable | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.method = cfg.method
+        self.dist = dist_info or DistInfo(device=next(model.parameters()).device)
+        self.device = self.dist.device
+        self.evaluate = evaluate
+        self.output_dir = cfg.output_dir
+        self.checkpoint_path = os.path.join(self.output_dir, "checkpoints", "last.pt")
+
+        m = self.method
+        per_rank, rem = divmod(m.batch_size, self.dist.world_size)
+        if rem:
+            raise ValueError(f"batch_size {m.batch_size} is not divisible by the world size "
+                             f"{self.dist.world_size}")
+        if per_rank % m.grad_accum:
+            raise ValueError(f"each rank's batch ({per_rank} = batch_size / world size) is not "
+                             f"divisible by grad_accum {m.grad_accum}")
+        self.micro_batch = per_rank // m.grad_accum
+
+        self.params = [p for _, p in trainable_named_parameters(model)]
+        self.optimizer = build_optimizer(model, lr=m.lr, weight_decay=m.weight_decay)
+        self.sampler = EpochSampler(len(train_dataset), m.batch_size, self.dist.world_size,
+                                    self.dist.rank, seed=m.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = m.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, m.warmup_steps, self.total_steps)
+        self.train_dataset = train_dataset
+        self.collate_fn = collate_fn or PairCollator(model.tokenizer)
+        self.loss_fn = LabelGuidedInfoNCELoss(gather=True, backend=m.backend)
+        model_cfg = getattr(model, "config", None)
+        if m.grad_checkpointing and not getattr(model_cfg, "grad_checkpointing", False):
+            # (A model built with grad_checkpointing=True already checkpoints its own blocks.)
+            n = apply_gradient_checkpointing(model)
+            if n == 0:
+                log.warning("grad_checkpointing: no transformer blocks found to checkpoint")
+        self.forward_module = ContrastiveForward(model)
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_module = DDP(self.forward_module, device_ids=ids,
+                                      find_unused_parameters=cfg.find_unused_parameters)
+        self.step = 0
+        self.epoch = 0
+        self.batches_done = 0          # optimizer steps done within the current epoch
+        self.skipped_steps = 0
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+        self.history: list[dict[str, Any]] = []
+        self._epoch_loss_sum = 0.0
+        self._epoch_loss_count = 0
+        self.logger = MetricLogger(os.path.join(self.output_dir, "logs"), tensorboard=cfg.tensorboard,
+                                   enabled=self.dist.is_main)
+
+    # --- one optimizer step ---------------------------------------------------------------
+    def _forward(self, mb: dict):
+        with autocast_context(self.device, self.method.precision):
+            image, text, scale = self.forward_module(mb["images"], mb["input_ids"], mb["attention_mask"])
+        return image.float(), text.float(), scale.float()
+
+    def _labels(self, batch: dict):
+        return batch.get("labels") if self.method.label_guided else None
+
+    def _split(self, batch: dict) -> list[dict]:
+        k = self.method.grad_accum
+        n = batch["images"].shape[0]
+        if n % k:
+            raise ValueError(f"a batch of {n} cannot be split into {k} micro-batches")
+        size = n // k
+        chunks = []
+        for i in range(k):
+            mb = {key: (v[i * size:(i + 1) * size] if torch.is_tensor(v) else v) for key, v in batch.items()}
+            if k > 1 and not self.method.text_padding_as_vertices:
+                # Padding is not part of the model's input in the paper preset: trim it to the
+                # micro-batch's longest text.
+                length = int(mb["attention_mask"].sum(1).max())
+                mb["input_ids"] = mb["input_ids"][:, :length]
+                mb["attention_mask"] = mb["attention_mask"][:, :length]
+            chunks.append(mb)
+        return chunks
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                for k, v in batch.items()}
+
+    def _accumulated_backward(self, chunks: list[dict]) -> torch.Tensor:
+        """Full-batch loss; gradients of the full-batch loss accumulated chunk by chunk."""
+        labels = self._labels({"labels": torch.cat([c["labels"] for c in chunks])}
+                              if "labels" in chunks[0] else {})
+        snapshots, images, texts, scales = [], [], [], []
+        with torch.no_grad():
+            for mb in chunks:
+                snapshots.append(_rng_snapshot(self.device))
+                image, text, scale = self._forward(mb)
+                images.append(image)
+                texts.append(text)
+                scales.append(scale)
+        after = _rng_snapshot(self.device)
+        image_all = torch.cat(images).requires_grad_()
+        text_all = torch.cat(texts).requires_grad_()
+        scale_leaf = scales[0].detach().requires_grad_()
+        loss = self.loss_fn(image_all, text_all, scale_leaf, labels)
+        if not torch.isfinite(loss):
+            return loss.detach()
+        loss.backward()
+        sizes = [c["images"].shape[0] for c in chunks]
+        g_image, g_text = image_all.grad.split(sizes), text_all.grad.split(sizes)
+        g_scale = scale_leaf.grad / len(chunks)
+        ddp = self.dist.distributed
+        for i, mb in enumerate(chunks):
+            sync = (not ddp) or i == len(chunks) - 1
+            ctx = contextlib.nullcontext() if sync else self.forward_module.no_sync()
+            _rng_restore(snapshots[i], self.device)
+            with ctx:
+                image, text, scale = self._forward(mb)
+                surrogate = (image * g_image[i]).sum() + (text * g_text[i]).sum() + scale * g_scale
+                surrogate.backward()
+        _rng_restore(after, self.device)
+        return loss.detach()
+
+    def backward(self, batch: dict) -> torch.Tensor:
+        """Zero the gradients, then leave in ``.grad`` the gradient of the full-batch loss on
+        this rank's share ``batch`` (all-reduced over ranks by DDP). Returns the detached loss;
+        a non-finite loss is returned without any backward pass."""
+        batch = self._to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        chunks = self._split(batch)
+        if len(chunks) > 1:
+            return self._accumulated_backward(chunks)
+        image, text, scale = self._forward(chunks[0])
+        loss = self.loss_fn(image, text, scale, self._labels(chunks[0]))
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.detach()
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimizer step on this rank's share of a global batch."""
+        loss = self.backward(batch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            self._non_finite("loss", loss_value)
+            return {"loss": loss_value, "lr": lr, "skipped": 1.0}
+        max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(grad_norm):
+            self._non_finite("gradient norm", grad_norm)
+            return {"loss": loss_value, "lr": lr, "skipped": 1.0}
+        self.optimizer.step()
+        self.scheduler.step()
+        if hasattr(self.model, "clamp_logit_scale"):  # open_clip keeps the multiplier <= 100
+            self.model.clamp_logit_scale()
+        scale = float(self.model.logit_scale.detach().exp())
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "logit_scale": scale,
+                "skipped": 0.0}
+
+    def _non_finite(self, what: str, value: float) -> None:
+        """A NaN/Inf step: raise, or drop its gradients and count it (the schedule moves on)."""
+        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+        if self.cfg.nan_policy == "error":
+            raise FloatingPointError(
+                f"non-finite {what} ({value}) at {where}. Lower lr, use precision 'fp32', set "
+                "clip_grad_norm, or set nan_policy: skip to skip such steps.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.skipped_steps += 1
+        log.warning("non-finite %s (%s) at %s: step skipped (%d so far)", what, value, where,
+                    self.skipped_steps)
+        if self.skipped_steps > self.cfg.max_nan_skips:
+            raise FloatingPointError(
+                f"{self.skipped_steps} steps had a non-finite loss or gradient (max_nan_skips="
+                f"{self.cfg.max_nan_skips}); training diverged. Lower lr or use precision 'fp32'.")
+
+    # --- state ----------------------------------------------------------------------------
+    def _state_extra(self) -> dict:
+        return {"batches_done": self.batches_done, "skipped_steps": self.skipped_steps,
+                "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+                "epoch_loss_sum": self._epoch_loss_sum, "epoch_loss_count": self._epoch_loss_count,
+                "world_size": self.dist.world_size}
+
+    def save_checkpoint(self, path: str | None = None) -> str | None:
+        path = path or self.checkpoint_path
+        if self.dist.is_main:
+            save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step,
+                            epoch=self.epoch, config=self.cfg.to_dict(), extra=self._state_extra())
+        barrier()
+        return path
+
+    def resume(self, path: str) -> None:
+        """Continue exactly where the checkpoint at ``path`` left off."""
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=False)
+        extra = state["extra"]
+        if state["config"].get("batch_size", self.method.batch_size) != self.method.batch_size:
+            raise ValueError(f"checkpoint {path!r} was trained with batch_size "
+                             f"{state['config']['batch_size']}, this run uses {self.method.batch_size}")
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batches_done = int(extra.get("batches_done", 0))
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self.best_metric, self.best_epoch = extra.get("best_metric"), extra.get("best_epoch")
+        self._epoch_loss_sum = float(extra.get("epoch_loss_sum", 0.0))
+        self._epoch_loss_count = int(extra.get("epoch_loss_count", 0))
+        # Same world size: every rank continues its own random stream; otherwise re-seed.
+        if extra.get("world_size", 1) == self.dist.world_size and self.dist.world_size == 1:
+            from acelora.train.checkpoint import set_rng_state
+            set_rng_state(state["rng"])
+        else:
+            seed_everything(self.method.seed + 1000 * self.step + self.dist.rank)
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+
+    # --- epochs ---------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        self.sampler.set_epoch(self.epoch, self.batches_done)
+        g = torch.Generator().manual_seed(self.method.seed * 1009 + self.epoch)
+        return DataLoader(self.train_dataset, batch_size=self.method.batch_size // self.dist.world_size,
+                          sampler=self.sampler, collate_fn=self.collate_fn, drop_last=True,
+                          num_workers=self.cfg.num_workers, generator=g,
+                          pin_memory=self.device.type == "cuda",
+                          persistent_workers=False)
+
+    def _validate(self) -> dict[str, float]:
+        if self.evaluate is None:
+            return {}
+        metrics: dict[str, float] = {}
+        if self.dist.is_main:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):  # validation never shifts training randomness
+                metrics = {k: float(v) for k, v in self.evaluate(self.model).items()}
+        barrier()
+        return metrics
+
+    def _save_best(self, directory: str) -> None:
+        if self.dist.is_main:
+            atomic_directory(lambda d: _save_weights(self.model, d), directory)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``cfg.method.epochs`` (or ``cfg.max_steps``); returns a summary dict."""
+        cfg, m = self.cfg, self.method
+        os.makedirs(self.output_dir, exist_ok=True)
+        if cfg.resume:
+            path = self.checkpoint_path if cfg.resume == "auto" else cfg.resume
+            if cfg.resume != "auto" or os.path.exists(path):
+                self.resume(path)
+        self.model.train()
+        stopped = False
+        while self.epoch < m.epochs and not stopped:
+            t0 = time.perf_counter()
+            loader = self._loader()
+            progress = None
+            if cfg.progress and self.dist.is_main:
+                from tqdm.auto import tqdm
+                progress = tqdm(total=self.steps_per_epoch, initial=self.batches_done,
+                                desc=f"epoch {self.epoch + 1}/{m.epochs}", leave=False, dynamic_ncols=True)
+            for batch in loader:
+                out = self.train_step(batch)
+                self.step += 1
+                self.batches_done += 1
+                if out["skipped"] == 0.0:
+                    self._epoch_loss_sum += out["loss"]
+                    self._epoch_loss_count += 1
+                if self.step % cfg.log_every == 0 or self.batches_done == self.steps_per_epoch:
+                    self.logger.log_step(self.step, {k: v for k, v in out.items() if k != "skipped"})
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    stopped = True
+                    break
+            if progress is not None:
+                progress.close()
+            if self.batches_done < self.steps_per_epoch:  # stopped inside an epoch
+                self.save_checkpoint()
+                break
+            mean_loss = all_reduce_mean(self._epoch_loss_sum / max(1, self._epoch_loss_count), self.device)
+            self.epoch += 1
+            self.batches_done = 0
+            self._epoch_loss_sum, self._epoch_loss_count = 0.0, 0
+            metrics = self._validate()
+            record = {"loss": mean_loss, **metrics, "epoch_time_s": time.perf_counter() - t0,
+                      "skipped_steps": float(self.skipped_steps)}
+            self.history.append({"epoch": self.epoch, "step": self.step, **record})
+            self.logger.log_epoch(self.epoch, self.step, record)
+            score = metrics.get(cfg.val_metric)
+            if score is not None and (self.best_metric is None or score > self.best_metric):
+                self.best_metric, self.best_epoch = score, self.epoch
+                self._save_best(os.path.join(self.output_dir, "best"))
+            if self.dist.is_main:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items())
+                log.info("epoch %d/%d (step %d): %s", self.epoch, m.epochs, self.step, shown)
+            self.save_checkpoint()
+        final = os.path.join(self.output_dir, "adapters")
+        if self.dist.is_main:
+            atomic_directory(lambda d: _save_weights(self.model, d), final)
+        barrier()
+        self.logger.plot()
+        self.logger.close()
+        return {"steps": self.step, "epochs": self.epoch, "skipped_steps": self.skipped_steps,
+                "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+                "history": self.history, "output_dir": self.output_dir,
+                "checkpoint": self.checkpoint_path, "adapters": final,
+                "best": os.path.join(self.output_dir, "best") if self.best_epoch else None,
+                "logs": self.logger.log_dir, "plot": self.logger.plot_path}

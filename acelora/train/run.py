@@ -1,0 +1,117 @@
+"""``acelora train``: model, data and validation from a :class:`TrainConfig`, then the loop."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable
+
+from torch import nn
+
+from acelora.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from acelora.train.loop import Trainer, seed_everything, zero_shot_accuracy
+from acelora.train.settings import TrainConfig
+
+log = logging.getLogger("acelora.train")
+
+VAL_SEED_OFFSET = 7777  # held-out synthetic items come from another seed than the training ones
+
+
+def build_train_dataset(cfg: TrainConfig, model: nn.Module):
+    """The image–text training set of ``cfg.dataset``."""
+    m = cfg.method
+    if cfg.dataset == "synthetic":
+        from acelora.data.synthetic import SyntheticCXRPairs
+        return SyntheticCXRPairs(cfg.synthetic_size, image_size=model.image_size,
+                                 domain=cfg.synthetic_domain, seed=m.seed, cache=True)
+    if cfg.dataset == "mimic":
+        from acelora.data.labels import LabelPolicy
+        from acelora.data.mimic import MimicCXRDataset
+        from acelora.data.transforms import biomedclip_transform
+        return MimicCXRDataset(cfg.data_root, split="train",
+                               transform=biomedclip_transform(model.image_size, train=True),
+                               label_policy=LabelPolicy.from_config(m), on_error="skip")
+    raise ValueError(f"unknown dataset {cfg.dataset!r}")
+
+
+def build_evaluator(cfg: TrainConfig, model: nn.Module) -> tuple[Callable | None, str]:
+    """(evaluate(model) -> metrics, name of the metric that picks the best epoch)."""
+    kind = cfg.val
+    if kind == "auto":
+        kind = "synthetic" if cfg.dataset == "synthetic" else "none"
+    if kind == "none":
+        return None, cfg.val_metric
+    if kind == "synthetic":
+        from acelora.data.synthetic import SyntheticCXRPairs
+        val = SyntheticCXRPairs(cfg.val_size, image_size=model.image_size,
+                                domain=cfg.synthetic_domain, seed=cfg.method.seed + VAL_SEED_OFFSET,
+                                cache=True)
+        return (lambda mdl: zero_shot_accuracy(mdl, val)), cfg.val_metric
+    from acelora.data.transforms import biomedclip_transform
+    transform = biomedclip_transform(model.image_size)
+    if kind == "chexpert5x200":
+        from acelora.data.classification import CheXpert5x200Dataset
+        data = CheXpert5x200Dataset(cfg.val_root, transform=transform)
+        try:
+            from acelora.eval.zeroshot import zero_shot_evaluate
+        except ImportError:
+            return (lambda mdl: zero_shot_accuracy(mdl, data)), cfg.val_metric
+
+        def evaluate(mdl):
+            # merge=False: merging and unmerging would perturb the frozen weights by rounding.
+            out = zero_shot_evaluate(mdl, data, merge=False)
+            return {k: v for k, v in out.items() if isinstance(v, (int, float)) and k != "n"}
+        return evaluate, cfg.val_metric
+    if kind == "nih":
+        from acelora.data.classification import NIHChestXray14Dataset
+        from acelora.eval.multilabel import multilabel_evaluate
+        data = NIHChestXray14Dataset(cfg.val_root, split="test", transform=transform, on_error="skip")
+
+        def evaluate(mdl):
+            out = multilabel_evaluate(mdl, data, merge=False)
+            return {k: v for k, v in out.items() if isinstance(v, (int, float)) and k != "n"}
+        metric = "mean_auroc" if cfg.val_metric == "accuracy" else cfg.val_metric
+        return evaluate, metric
+    raise ValueError(f"unknown validation {kind!r}")
+
+
+def run_training(cfg: TrainConfig, dist_info: DistInfo | None = None) -> dict[str, Any]:
+    """Build everything ``cfg`` names and train; returns the loop's summary."""
+    import acelora
+
+    owns_group = dist_info is None
+    dist_info = dist_info or init_distributed(cfg.device)
+    try:
+        seed_everything(cfg.method.seed)  # same initial adapters on every rank
+        model = acelora.create_ace_lora(cfg.model, config=cfg.method, adapters=cfg.adapters,
+                                        device=dist_info.device)
+        model.train()
+        if dist_info.is_main:
+            print(model.trainable_parameter_report(), flush=True)
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+        seed_everything(cfg.method.seed + dist_info.rank)  # independent dropout per rank
+        train = build_train_dataset(cfg, model)
+        evaluate, metric = build_evaluator(cfg, model)
+        if metric != cfg.val_metric:
+            cfg = cfg.replace(val_metric=metric)
+        trainer = Trainer(model, train, cfg, evaluate=evaluate, dist_info=dist_info)
+        summary = trainer.fit()
+        summary["model"] = model
+        return summary
+    finally:
+        if owns_group:
+            cleanup_distributed()
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"trained {summary['steps']} step(s), {summary['epochs']} epoch(s); "
+             f"skipped (non-finite) steps: {summary['skipped_steps']}"]
+    if summary.get("best_epoch"):
+        lines.append(f"best validation {summary['best_metric']:.4f} at epoch {summary['best_epoch']}"
+                     f" -> {summary['best']}")
+    kinds = "CSV, TensorBoard" if os.path.isdir(os.path.join(summary["logs"], "tensorboard")) else "CSV"
+    lines += [f"adapters:   {summary['adapters']}", f"checkpoint: {summary['checkpoint']}",
+              f"logs:       {summary['logs']} ({kinds})", f"plot:       {summary['plot']}"]
+    return "\n".join(lines)

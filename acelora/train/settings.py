@@ -1,0 +1,253 @@
+"""The configuration of one training run: the method (:class:`acelora.ACELoRAConfig`) plus where
+the model, data and outputs are.
+
+A config file (YAML or JSON) is one flat mapping whose keys are either run fields
+(:class:`TrainConfig`) or method fields (:class:`ACELoRAConfig`), e.g.::
+
+    model: tiny              # "tiny" | "biomedclip" | a local model folder
+    preset: paper            # the method preset the method fields start from
+    dataset: synthetic       # "synthetic" | "mimic" (then data_root: /path/to/mimic-cxr-jpg)
+    output_dir: runs/tiny
+    epochs: 2
+    lr: 1.0e-4
+    batch_size: 32
+
+Precedence: preset < config file < command-line overrides. Unknown keys are an error that names
+them (and the closest valid key).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from acelora.config import PRESETS, ACELoRAConfig, get_config
+
+DATASETS = ("synthetic", "mimic")
+VALIDATIONS = ("auto", "none", "synthetic", "chexpert5x200", "nih")
+NAN_POLICIES = ("skip", "error")
+
+
+@dataclass
+class TrainConfig:
+    """Run settings of ``acelora train``; the method's (and the optimiser's) settings are in
+    ``method`` (epochs, batch_size, lr, weight_decay, warmup_steps, grad_accum,
+    grad_checkpointing, precision, seed live there).
+
+    ``method.batch_size`` is the contrastive batch of one optimizer step over all ranks and all
+    accumulation steps; each rank's micro-batch is ``batch_size / (world_size · grad_accum)``.
+    """
+
+    model: str = "tiny"
+    adapters: str | None = None              # start from saved adapters
+    preset: str = "paper"
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    synthetic_size: int = 512                # synthetic training pairs
+    synthetic_domain: int = 0
+    val: str = "auto"                        # auto: synthetic for synthetic data, else none
+    val_root: str | None = None
+    val_size: int = 200                      # synthetic validation items
+    val_metric: str = "accuracy"             # the metric that picks the best checkpoint (max)
+    output_dir: str = "acelora-run"
+    resume: str | None = None                # checkpoint file, or "auto" (output_dir's last one)
+    device: str | None = None                # None: CUDA when available
+    num_workers: int = 0
+    log_every: int = 10
+    max_steps: int | None = None             # stop after this many optimizer steps (total)
+    clip_grad_norm: float | None = None
+    nan_policy: str = "skip"                 # "skip" (zero the step, count it) | "error"
+    max_nan_skips: int = 20                  # more skipped steps than this is an error
+    tensorboard: bool = True
+    progress: bool = True
+    find_unused_parameters: bool = False
+    method: ACELoRAConfig = field(default_factory=ACELoRAConfig)
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.dataset == "mimic" and not self.data_root:
+            raise ValueError("dataset 'mimic' needs data_root (the MIMIC-CXR-JPG folder)")
+        if self.val not in VALIDATIONS:
+            raise ValueError(f"val must be one of {VALIDATIONS}, got {self.val!r}")
+        if self.val in ("chexpert5x200", "nih") and not self.val_root:
+            raise ValueError(f"val {self.val!r} needs val_root (the data set's folder)")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        m = self.method
+        if m.epochs < 1 or m.batch_size < 1 or m.grad_accum < 1:
+            raise ValueError(f"epochs, batch_size and grad_accum must be >= 1, got "
+                             f"{m.epochs}, {m.batch_size}, {m.grad_accum}")
+        if m.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {m.precision!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+
+    # --- conversions ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form a config file uses."""
+        run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method"}
+        return {**run, **self.method.to_dict()}
+
+    def replace(self, **changes) -> "TrainConfig":
+        return config_from_dict({**self.to_dict(), **changes})
+
+
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "method")
+METHOD_FIELDS = tuple(f.name for f in dataclasses.fields(ACELoRAConfig))
+
+
+def _unknown_key_error(keys, where: str) -> ValueError:
+    valid = sorted(RUN_FIELDS + METHOD_FIELDS)
+    parts = []
+    for k in sorted(keys):
+        close = difflib.get_close_matches(str(k), valid, n=1)
+        parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ValueError(f"unknown config key(s) in {where}: {', '.join(parts)}. "
+                      f"Valid keys: {', '.join(valid)}")
+
+
+def _field_defaults() -> dict[str, Any]:
+    out = {}
+    for cls in (TrainConfig, ACELoRAConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == "method":
+                continue
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Bring a value to its field's type (YAML reads ``1e-4`` as a string, JSON ``2.0`` for 2)."""
+    default = _field_defaults().get(key)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if isinstance(default, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(default, int) and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if key in ("max_steps", "clip_grad_norm") and isinstance(value, str) and value:
+            return float(value) if key == "clip_grad_norm" else int(value)
+        if key == "lora_towers" and isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {key} must be a {type(default).__name__}, got {value!r}") from None
+    return value
+
+
+def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConfig:
+    """A :class:`TrainConfig` from one flat mapping of run and method fields."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping of keys to values, got {type(values).__name__}")
+    unknown = set(values) - set(RUN_FIELDS) - set(METHOD_FIELDS)
+    if unknown:
+        raise _unknown_key_error(unknown, where)
+    values = {k: _coerce(k, v, where) for k, v in values.items()}
+    preset = values.get("preset") or "paper"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} in {where}; choose from {sorted(PRESETS)}")
+    run = {k: v for k, v in values.items() if k in RUN_FIELDS}
+    run["preset"] = preset
+    method_values = {k: v for k, v in values.items() if k in METHOD_FIELDS}
+    try:
+        method = get_config(preset, **method_values)
+    except TypeError as exc:
+        raise ValueError(f"bad method setting in {where}: {exc}") from exc
+    return TrainConfig(**run, method=method)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The mapping in a ``.yaml``/``.yml``/``.json`` file (an empty file is an empty mapping)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".json":
+            data = json.loads(text) if text.strip() else {}
+        elif ext in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ValueError(f"config file {path!r}: unknown extension {ext!r}; use .yaml, .yml or .json")
+    except (json.JSONDecodeError, ImportError) as exc:
+        raise ValueError(f"cannot parse config file {path!r}: {exc}") from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith("yaml"):
+            raise ValueError(f"cannot parse config file {path!r}: {exc}") from exc
+        raise
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of keys to values, "
+                         f"got {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON/YAML scalars and lists (``2``, ``1e-4``, ``true``, ``null``,
+    ``[image, text]``), else the string itself."""
+    try:
+        import yaml
+        value = yaml.safe_load(text)
+    except Exception:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+    if isinstance(value, dict):  # "a: b" is not meant as a mapping on a command line
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return text if value is None and text.lower() not in ("null", "none", "~") else value
+
+
+def parse_set_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` → ``{key: parsed value}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        out[key] = parse_value(value.strip())
+    return out
+
+
+def load_train_config(path: str | None = None, preset: str | None = None,
+                      overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Preset < config file < ``overrides`` (``preset`` given here wins over the file's)."""
+    values = read_config_file(path) if path else {}
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(RUN_FIELDS) - set(METHOD_FIELDS)
+    if unknown:
+        raise _unknown_key_error(unknown, "the command-line overrides")
+    if path:
+        unknown = set(values) - set(RUN_FIELDS) - set(METHOD_FIELDS)
+        if unknown:
+            raise _unknown_key_error(unknown, repr(path))
+    merged = {**values, **overrides}
+    if preset is not None:
+        merged["preset"] = preset
+    return config_from_dict(merged, where=repr(path) if path else "config")
