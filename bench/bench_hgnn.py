@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory, print_table, time_fn, write_results  # noqa: E402
+from common import peak_memory, report, time_fn  # noqa: E402
 
 from acelora.nn.hgnn import ACEHGNN  # noqa: E402
 
@@ -111,10 +111,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/*.json")
     args = parser.parse_args(argv)
     rows = run_all(args.batch, DTYPES[args.dtype], args.quick, args.threads)
-    print_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)])
-    if not args.no_write:
-        path = write_results("hgnn", rows, {"args": vars(args)})
-        print(f"wrote {path}")
+    report("hgnn", rows, COLUMNS, args, write=not args.no_write)
     return rows
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory, print_table, time_fn, write_results  # noqa: E402
+from common import peak_memory, report, time_fn  # noqa: E402
 
 from acelora.ops import label_guided_infonce  # noqa: E402
 
@@ -133,10 +133,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
     rows = run_all(batches, DTYPES[args.dtype], args.big_batch, args.quick)
-    print_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
-    if not args.no_write:
-        path = write_results("infonce", rows, {"args": vars(args)})
-        print(f"wrote {path}")
+    report("infonce", rows, COLUMNS, args, write=not args.no_write)
     return rows
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory, print_table, time_fn, write_results  # noqa: E402
+from common import peak_memory, report, time_fn  # noqa: E402
 
 from acelora.ops import _backend, _extension  # noqa: E402
 from acelora.ops.lora_qkv import lora_qkv  # noqa: E402
@@ -186,10 +186,7 @@ def main(argv=None) -> list[dict]:
     if not _extension.cpu_ops_available():
         print(f"note: compiled op unavailable ({_extension.unavailable_reason()})")
     rows = run_all(tokens, dtype, device, args.quick)
-    print_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
-    if not args.no_write:
-        path = write_results("lora_qkv", rows, {"args": vars(args)})
-        print(f"wrote {path}")
+    report("lora_qkv", rows, COLUMNS, args, write=not args.no_write)
     return rows
 
 

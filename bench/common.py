@@ -123,3 +123,13 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def report(name: str, rows: list[dict], columns: list[str], args, write: bool = True) -> str | None:
+    """Print the table (only the columns some row has) and write the JSON with the run's args."""
+    print_table(rows, [c for c in columns if any(r.get(c) is not None for r in rows)])
+    if not write:
+        return None
+    path = write_results(name, rows, {"args": vars(args)})
+    print(f"wrote {path}")
+    return path
