@@ -237,11 +237,12 @@ class ACELoRAModel(CLIPModel):
             return None
         padding = attention_mask == 0
         need = self._min_vertices()
-        too_short = (~padding).sum(1) < need
-        if bool(too_short.any()):
-            first = torch.arange(padding.shape[1], device=padding.device) < need
-            padding = padding & ~(too_short[:, None] & first[None, :])
-        return padding
+        # Branch-free (no `if too_short.any()`): that test was a device->host sync every text
+        # forward on a GPU and a torch.compile graph break; the masked form costs a few [B, L]
+        # elementwise ops and gives the same mask.
+        too_short = (~padding).sum(1, keepdim=True) < need
+        first = torch.arange(padding.shape[1], device=padding.device) < need
+        return padding & ~(too_short & first)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:

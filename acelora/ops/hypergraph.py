@@ -85,13 +85,23 @@ def check_hypergraph_args(tokens, cls_attn, topk, key_padding_mask=None) -> None
 
 def _check_topk_fits(topk: int, n: int, key_padding_mask) -> None:
     # A local row chooses among the other local vertices: (vertices - 2) candidates.
+    if topk > n - 2:  # static: padding can only lower the count
+        raise ValueError(f"topk={topk} is larger than the number of candidates per row "
+                         f"({n - 2} = N-2 local tokens besides the row's own, N={n})")
     if key_padding_mask is None:
-        if topk > n - 2:
-            raise ValueError(f"topk={topk} is larger than the number of candidates per row "
-                             f"({n - 2} = N-2 local tokens besides the row's own, N={n})")
         return
-    # One host sync: the number of vertices per sample and whether the global token is padded.
     real = (~key_padding_mask).sum(1)
+    if key_padding_mask.device.type != "cpu" or torch.compiler.is_compiling():
+        # No host sync in the hot path (a GPU stall every masked call) and no graph break: a
+        # device-side assert (raises at the next sync on a GPU; RuntimeError on the CPU when
+        # compiled). For the exact ValueError below, call once with the mask on the CPU.
+        ok = (real.min() >= topk + 2) & ~key_padding_mask[:, 0].any()
+        torch._assert_async(ok, f"hypergraph: topk={topk} is larger than the number of "
+                                "candidates per row of some sample (vertices - 2), or "
+                                "key_padding_mask marks position 0 (the global token) as padding")
+        return
+    # CPU tensors: one cheap host read; the number of vertices per sample and whether the global
+    # token is padded.
     stats = torch.stack([real.min(), real.argmin(), key_padding_mask[:, 0].any().long()]).tolist()
     if stats[2]:
         raise ValueError("key_padding_mask marks position 0 (the global token) as padding")

@@ -45,8 +45,11 @@ def labels_to_ids(labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(torch.uint8)
     if labels.shape[1] == 0:  # no findings at all: every row is the same (empty) vector
         return torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
-    if labels.device.type == "cuda":
+    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+        # No host sync on a GPU and no dynamic output shape for torch.compile (unique's size
+        # depends on the data: a graph break). Same ids as unique (both rank rows lexicographically).
         return _group_rows_sync_free(labels)
+    # Eager CPU: unique is exact and ~10x cheaper than the per-column sorts at small B.
     _, ids = torch.unique(labels, dim=0, return_inverse=True)
     return ids
 

@@ -376,8 +376,11 @@ class Trainer:
 
     def backward(self, batch: dict) -> torch.Tensor:
         """Zero the gradients, then leave in ``.grad`` the gradient of the full-batch loss on
-        this rank's share ``batch`` (all-reduced over ranks by DDP). Returns the detached loss;
-        a non-finite loss is returned without any backward pass."""
+        this rank's share ``batch`` (all-reduced over ranks by DDP). Returns the detached loss.
+        A non-finite loss still runs its backward (its gradients are then non-finite too):
+        testing it here would be a device->host sync before every backward; ``train_step``
+        reads the loss and the gradient norm in one sync and drops such a step. (With gradient
+        accumulation a non-finite loss is returned without the second pass.)"""
         batch = self._to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         chunks = self._split(batch)
@@ -385,20 +388,22 @@ class Trainer:
             return self._accumulated_backward(chunks)
         image, text, scale = self._forward(chunks[0])
         loss = self.loss_fn(image, text, scale, self._labels(chunks[0]))
-        if torch.isfinite(loss):
-            loss.backward()
+        loss.backward()
         return loss.detach()
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimizer step on this rank's share of a global batch."""
         loss = self.backward(batch)
         lr = self.optimizer.param_groups[0]["lr"]
-        loss_value = float(loss)
+        max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm else float("inf")
+        # Clipping non-finite gradients is harmless: a non-finite step's gradients are dropped.
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # One device->host read for the NaN policy and the log (was one each for isfinite(loss),
+        # the loss and the norm).
+        loss_value, grad_norm = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
         if not math.isfinite(loss_value):
             self._non_finite("loss", loss_value)
             return {"loss": loss_value, "lr": lr, "skipped": 1.0}
-        max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(grad_norm):
             self._non_finite("gradient norm", grad_norm)
             return {"loss": loss_value, "lr": lr, "skipped": 1.0}
