@@ -7,6 +7,7 @@ import sys
 
 # Modules that define ``add_commands(subparsers)``; each sub-command sets ``func(args) -> int``.
 COMMAND_MODULES = (
+    "acelora.models.commands",  # import-official
     "acelora.train.commands",   # demo, train
     "acelora.eval.commands",    # eval zeroshot|multilabel|segment|detect, predict
     "acelora.benchmark",        # bench

@@ -103,3 +103,15 @@ def test_bad_checkpoints_are_refused(tmp_path):
         import_official_checkpoint(tmp_path / "d.pt", tmp_path / "out", base="tiny")
     with pytest.raises(FileNotFoundError):
         import_official_checkpoint(tmp_path / "missing.pt", tmp_path / "out")
+
+
+def test_import_official_command(tmp_path, capsys):
+    from acelora.cli import main
+    torch.save(official_checkpoint(2, 2, 64, 64, dim=64), tmp_path / "ACE_LoRA.pt")
+    assert main(["import-official", str(tmp_path / "ACE_LoRA.pt"), str(tmp_path / "ad"),
+                 "--model", "tiny"]) == 0
+    assert "wrote adapters" in capsys.readouterr().out
+    model = acelora.create_ace_lora("tiny", config="official", adapters=tmp_path / "ad")
+    assert model.config.image_cls_attn == "logits"
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        main(["import-official", str(tmp_path / "missing.pt"), str(tmp_path / "ad2")])
