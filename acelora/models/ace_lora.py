@@ -201,11 +201,10 @@ class ACELoRAModel(CLIPModel):
         return hgnn(F.normalize(tokens, dim=-1), cls_attn, key_padding_mask, global_only=global_only)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        feats, tokens = self._image_forward(images)
-        if self.image_hgnn is None:
-            emb = self._image_global(feats)
-        else:
-            emb = self._refine(self.image_hgnn, tokens, self.layers.image[-1].pop_cls_attn(), None)
+        if self.image_hgnn is None:  # only the CLS token is projected
+            return super().encode_image(images, normalize)
+        _, tokens = self._image_forward(images)
+        emb = self._refine(self.image_hgnn, tokens, self.layers.image[-1].pop_cls_attn(), None)
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def _min_vertices(self) -> int:
