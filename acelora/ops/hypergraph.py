@@ -139,8 +139,10 @@ def hypergraph_affinity(tokens: torch.Tensor, cls_attn: torch.Tensor,
     dtype = _compute_dtype(tokens.dtype)
     b, n, _ = tokens.shape
     with _fp32_graph(tokens.device):
-        xn = F.normalize(tokens.to(dtype), dim=-1)
-        local = xn[:, 1:] @ xn.transpose(1, 2)                                # [B, N-1, N]
+        # dot x inverse norms, as the global-only path and the kernels: identical top-k on near-ties
+        x = tokens.to(dtype)
+        inv = x.norm(dim=-1).clamp_min(1e-12).reciprocal()                   # [B, N]
+        local = (x[:, 1:] @ x.transpose(1, 2)) * (inv[:, 1:, None] * inv[:, None, :])  # [B, N-1, N]
     row0 = torch.cat([cls_attn.new_full((b, 1), NEG_INF).to(dtype), cls_attn.to(dtype)], 1)
     s = torch.cat([row0[:, None], local], 1)
     ar = torch.arange(n, device=tokens.device)
