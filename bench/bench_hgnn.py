@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory, report, time_fn  # noqa: E402
+from common import measure, report  # noqa: E402
 
 from acelora.nn.hgnn import ACEHGNN  # noqa: E402
 
@@ -60,16 +60,7 @@ def bench_case(kind: str, b: int, n: int, dtype, device: str, padded=False, warm
     row = {"op": kind, "B": b, "N": n, "D": D, "k": K, "padded": padded,
            "dtype": str(dtype).replace("torch.", ""), "device": device,
            "threads": torch.get_num_threads() if device == "cpu" else None}
-    try:
-        row.update(time_fn(run, warmup=warmup, iters=iters, device=device))
-        mem = peak_memory(run, device) if device == "cuda" else None
-        row["peak_extra_MiB"] = None if mem is None else mem / 2**20
-    except torch.cuda.OutOfMemoryError:
-        row["error"] = "out of memory"
-    finally:
-        del tokens, attn, mask, run, hgnn
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    row.update(measure(run, device, warmup, iters))
     return row
 
 

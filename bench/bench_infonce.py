@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory, report, time_fn  # noqa: E402
+from common import measure, peak_memory, report, time_fn  # noqa: E402
 
 from acelora.ops import label_guided_infonce  # noqa: E402
 
@@ -59,16 +59,7 @@ def bench_case(kind: str, b: int, dtype, device: str, warmup=5, iters=30) -> dic
     image, text, scale, labels = make_inputs(b, dtype=dtype, device=device)
     run = _step(kind, image, text, scale, labels)
     row = {"op": kind, "B": b, "D": D, "dtype": str(dtype).replace("torch.", ""), "device": device}
-    try:
-        row.update(time_fn(run, warmup=warmup, iters=iters, device=device))
-        mem = peak_memory(run, device) if device == "cuda" else None
-        row["peak_extra_MiB"] = None if mem is None else mem / 2**20
-    except torch.cuda.OutOfMemoryError:
-        row["error"] = "out of memory"
-    finally:
-        del image, text, scale, labels, run
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    row.update(measure(run, device, warmup, iters))
     return row
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory, report, time_fn  # noqa: E402
+from common import measure, report  # noqa: E402
 
 from acelora.ops import _backend, _extension  # noqa: E402
 from acelora.ops.lora_qkv import lora_qkv  # noqa: E402
@@ -132,16 +132,7 @@ def bench_case(kind: str, tokens: int, dtype, device: str, warmup=5, iters=30) -
         return None
     row = {"op": kind, "tokens": tokens, "shape": f"{D_IN}->{3 * D_OUT}", "r": RANK,
            "dtype": str(dtype).replace("torch.", ""), "device": device}
-    try:
-        row.update(time_fn(run, warmup=warmup, iters=iters, device=device))
-        mem = peak_memory(run, device)
-        row["peak_extra_MiB"] = None if mem is None else mem / 2**20
-    except torch.cuda.OutOfMemoryError:
-        row["error"] = "out of memory"
-    finally:
-        del run
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    row.update(measure(run, device, warmup, iters))
     return row
 
 

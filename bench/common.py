@@ -1,4 +1,6 @@
-"""Shared benchmark plumbing: timing, peak memory, environment record, table and JSON output.
+"""Shared plumbing of the per-op benchmarks: timing, peak memory, environment record, table and
+JSON output. Timing, environment and table come from ``acelora.benchmark`` (the ``acelora bench``
+command), so both kinds of result file record the same things the same way.
 
 A timing is the median of many runs after warm-up: CUDA events on a GPU (one event pair per run,
 synchronised once at the end), ``time.perf_counter`` on the CPU.
@@ -7,47 +9,23 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import subprocess
-import time
 from typing import Callable
 
 import torch
 
+from acelora import benchmark as _acelora_bench
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def _sync(device: torch.device | None):
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_fn(fn: Callable[[], object], warmup: int = 5, iters: int = 30,
             device: torch.device | str | None = None) -> dict:
     """Median and spread (p10/p90, min) of ``fn()`` in milliseconds."""
-    device = torch.device(device) if device is not None else None
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    if device is not None and device.type == "cuda":
-        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                 for _ in range(iters)]
-        for start, end in pairs:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in pairs]
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda p: times[min(len(times) - 1, int(p * (len(times) - 1) + 0.5))]  # noqa: E731
-    return {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9),
+    device = torch.device(device if device is not None else "cpu")
+    times = sorted(_acelora_bench.time_steps(fn, iters, warmup, device))
+    q = _acelora_bench._quantile
+    return {"median_ms": statistics.median(times), "p10_ms": q(times, 0.1), "p90_ms": q(times, 0.9),
             "min_ms": times[0], "iters": iters, "warmup": warmup}
 
 
@@ -64,29 +42,26 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cuda") -
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def _git_commit() -> str:
+def measure(run: Callable[[], object], device: str, warmup: int, iters: int) -> dict:
+    """Timing and peak extra memory of ``run``; an out-of-memory case is a row, not a crash."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(RESULTS_DIR),
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
+        row = time_fn(run, warmup=warmup, iters=iters, device=device)
+        mem = peak_memory(run, device)
+        row["peak_extra_MiB"] = None if mem is None else mem / 2**20
+        return row
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
 
 
 def env_info() -> dict:
     """Device, versions and commit, recorded with every result file."""
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "commit": _git_commit(), "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "hostname": platform.node()}
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-    else:
-        info["device"] = f"cpu ({os.cpu_count()} cores)"
-    for name in ("triton", "open_clip", "timm", "transformers", "xformers", "peft"):
+    info = _acelora_bench.env_info()
+    info["device"] = info["gpu"] or f"cpu ({os.cpu_count()} cores)"
+    for name in ("xformers", "peft"):
         try:
             info[name] = __import__(name).__version__
         except Exception:
-            pass
+            info[name] = None
     return info
 
 
@@ -108,21 +83,9 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None) -> str
 
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     """Plain fixed-width table of ``rows`` (dicts) to stdout."""
-    if not rows:
-        return
-    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3e}"
-        return str(v)
-
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    if rows:
+        columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+        print(_acelora_bench.format_table(rows, columns), end="")
 
 
 def report(name: str, rows: list[dict], columns: list[str], args, write: bool = True) -> str | None:
