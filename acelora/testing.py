@@ -10,6 +10,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def pad_token_rows(rows: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Token-id lists -> {"input_ids", "attention_mask"} padded to the longest row (toy tokenizers)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def infonce_ddp_worker(rank: int, world_size: int, init_file: str, work_dir: str) -> None:
     """One rank of a CPU/gloo group for the distributed test of LabelGuidedInfoNCELoss.
 

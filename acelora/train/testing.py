@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from acelora.config import CHEXPERT_FINDINGS
+from acelora.testing import pad_token_rows
 
 TOY_WORDS = ("normal", "effusion", "edema", "heart", "enlarged", "opacity", "left", "right",
              "lung", "base", "clear", "no", "acute", "process", "there", "is", "a")
@@ -26,14 +27,7 @@ class ToyTokenizer:
     def __call__(self, texts, context_length=None):
         limit = int(context_length or self.context_length)
         rows = [[1] + [self.vocab.get(w, 2) for w in t.lower().replace(".", "").split()] for t in texts]
-        rows = [r[:limit] for r in rows]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return pad_token_rows([r[:limit] for r in rows])
 
 
 class ToyCLIP(nn.Module):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from acelora.data._common import DataError
+from acelora.testing import pad_token_rows
 
 
 class FakeTokenizer:
@@ -23,13 +24,7 @@ class FakeTokenizer:
             texts = [texts]
         rows = [[1] + [2 + zlib.crc32(w.lower().encode()) % (self.vocab - 2) for w in t.split()]
                 for t in texts]
-        length = max(map(len, rows))
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return pad_token_rows(rows)
 
 
 class FakeCLIP(nn.Module):
