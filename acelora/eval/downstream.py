@@ -107,6 +107,16 @@ def _train_steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     return max(int(min_steps), int(epochs) * math.ceil(n / batch_size))
 
 
+def _head_schedule(module: nn.Module, n: int, batch_size: int, epochs: int, min_steps: int,
+                   lr: float, seed: int):
+    """AdamW + cosine over the head's steps, and the seeded minibatch index stream."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
+    steps = _train_steps(n, batch_size, epochs, min_steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    batches = _minibatches(n, batch_size, steps, torch.Generator().manual_seed(seed))
+    return opt, sched, batches
+
+
 # --- segmentation ---------------------------------------------------------------------------
 
 class SegmentationDecoder(nn.Module):
@@ -148,12 +158,9 @@ def train_segmentation(train: dict, indices: torch.Tensor, patch_size: int, epoc
     torch.manual_seed(seed)
     feats, masks = train["features"][indices], train["masks"][indices]
     decoder = SegmentationDecoder(feats.shape[1], patch_size).to(device)
-    opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=1e-4)
-    steps = _train_steps(len(indices), batch_size, epochs, min_steps)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(seed)
+    opt, sched, batches = _head_schedule(decoder, len(indices), batch_size, epochs, min_steps, lr, seed)
     decoder.train()
-    for idx in _minibatches(len(indices), batch_size, steps, gen):
+    for idx in batches:
         x = feats[idx].to(device, torch.float32)
         y = masks[idx].to(device, torch.float32)[:, None]
         logits = decoder(x)
@@ -292,12 +299,9 @@ def train_detection(train: dict, indices: torch.Tensor, stride: float, epochs: i
     pos_all, target_all = detection_targets(boxes, h, w, stride)
     centres = _cell_centres(h, w, stride, device)
     head = DetectionHead(feats.shape[1]).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    steps = _train_steps(len(indices), batch_size, epochs, min_steps)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(seed)
+    opt, sched, batches = _head_schedule(head, len(indices), batch_size, epochs, min_steps, lr, seed)
     head.train()
-    for idx in _minibatches(len(indices), batch_size, steps, gen):
+    for idx in batches:
         x = feats[idx].to(device, torch.float32)
         pos, target = pos_all[idx].to(device), target_all[idx].to(device)
         obj, log_dist = head(x)
