@@ -93,10 +93,14 @@ class CLIPModel(nn.Module):
         feats = self.base.visual.trunk.forward_features(self._check_images(images))
         return feats, self.base.visual.head(feats)
 
+    def _text_backbone(self, input_ids, attention_mask):
+        """(BERT output, attention_mask): the tower without its projection."""
+        input_ids, attention_mask = self._text_inputs(input_ids, attention_mask)
+        return self.base.text.transformer(input_ids=input_ids, attention_mask=attention_mask), attention_mask
+
     def _text_forward(self, input_ids, attention_mask):
         """(BERT output, projected tokens [B,L,D], attention_mask)."""
-        input_ids, attention_mask = self._text_inputs(input_ids, attention_mask)
-        out = self.base.text.transformer(input_ids=input_ids, attention_mask=attention_mask)
+        out, attention_mask = self._text_backbone(input_ids, attention_mask)
         return out, self.base.text.proj(out.last_hidden_state), attention_mask
 
     def _image_global(self, feats):
@@ -115,7 +119,7 @@ class CLIPModel(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
         """[B, L] token ids (+ mask) -> [B, D]: the projected CLS embedding."""
-        out, _, mask = self._text_forward(input_ids, attention_mask)
+        out, mask = self._text_backbone(input_ids, attention_mask)  # only the pooled token is projected
         emb = self._text_global(out, mask)
         return F.normalize(emb, dim=-1) if normalize else emb
 
@@ -245,12 +249,11 @@ class ACELoRAModel(CLIPModel):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
-        out, tokens, mask = self._text_forward(input_ids, attention_mask)
-        if self.text_hgnn is None:
-            emb = self._text_global(out, mask)
-        else:
-            emb = self._refine(self.text_hgnn, tokens, self.layers.text[-1].pop_cls_attn(),
-                               self._text_padding(mask))
+        if self.text_hgnn is None:  # only the pooled token is projected
+            return super().encode_text(input_ids, attention_mask, normalize)
+        _, tokens, mask = self._text_forward(input_ids, attention_mask)
+        emb = self._refine(self.text_hgnn, tokens, self.layers.text[-1].pop_cls_attn(),
+                           self._text_padding(mask))
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_image_tokens(self, images: torch.Tensor, refined: bool = False) -> torch.Tensor:
