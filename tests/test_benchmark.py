@@ -227,18 +227,8 @@ def test_explicit_attention_matches_sdpa():
 
 # --------------------------------------------------------------------------- the command
 
-def _model_ready() -> bool:
-    try:
-        import acelora
-        return hasattr(acelora, "create_ace_lora")
-    except Exception:
-        return False
 
 
-needs_model = pytest.mark.skipif(not _model_ready(), reason="acelora.create_ace_lora not available yet")
-
-
-@needs_model
 def test_reference_case_computes_the_same_model():
     """Split LoRA + dense HGNN + explicit attention + full-length padding is the same function
     as the default path (same seed -> same weights)."""
@@ -282,7 +272,6 @@ REQUIRED_ROW_KEYS = {"case", "batch", "device", "dtype", "status", "median_ms", 
                      "flops_per_step", "mfu", "timed_steps"}
 
 
-@needs_model
 def test_bench_command_writes_json(tmp_path, capsys):
     from acelora.cli import main
 
@@ -319,7 +308,6 @@ def test_bench_command_writes_json(tmp_path, capsys):
     assert "images_per_s" in out and "wrote" in out
 
 
-@needs_model
 def test_bench_profile_writes_trace_and_breakdown(tmp_path):
     res = benchmark.run(model="tiny", batches=[2], devices=["cpu"], cases=["default"], steps=1,
                         warmup=1, profile=str(tmp_path / "prof"), out=str(tmp_path), verbose=False,
@@ -345,7 +333,6 @@ def test_bench_profile_writes_trace_and_breakdown(tmp_path):
     assert attention.cls_attention_row.__module__ == "acelora.nn.attention"
 
 
-@needs_model
 def test_compile_failure_is_reported_not_raised(tmp_path, monkeypatch):
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no compiler here")

@@ -154,3 +154,4 @@ def test_fallback_warns_once_without_the_extension(monkeypatch):
     lq._WARNED.clear()
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run lora_qkv on cpu"):
         acelora.ops.lora_qkv(x, w, b, A, B, 0.5, backend="cuda")
+
