@@ -34,41 +34,42 @@ def _distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate every rank's [n_r, ...] tensor along dim 0 (no autograd); also return the n_r."""
-    world = dist.get_world_size()
-    n_local = torch.tensor([local.shape[0]], device=local.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n_local) for _ in range(world)]
-    dist.all_gather(sizes, n_local)
-    sizes = [int(s.item()) for s in sizes]
+def _batch_sizes(n_local: int, device: torch.device) -> list[int]:
+    """Every rank's local batch size (one small collective and one host read per step)."""
+    n = torch.tensor([n_local], device=device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    return torch.cat(sizes).tolist()
+
+
+def _all_gather_rows(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate every rank's [sizes[r], ...] tensor along dim 0 (no autograd)."""
     n_max = max(sizes)
     send = local.detach()
     if send.dtype == torch.bool:  # not every backend reduces/gathers bool
         send = send.to(torch.uint8)
     if send.shape[0] < n_max:
         send = torch.cat([send, send.new_zeros((n_max - send.shape[0],) + tuple(send.shape[1:]))])
-    buffers = [torch.empty_like(send) for _ in range(world)]
+    buffers = [torch.empty_like(send) for _ in sizes]
     dist.all_gather(buffers, send.contiguous())
-    gathered = torch.cat([buf[:n] for buf, n in zip(buffers, sizes)])
-    return gathered.to(local.dtype), sizes
+    return torch.cat([buf[:n] for buf, n in zip(buffers, sizes)]).to(local.dtype)
 
 
 class _GatherFeatures(torch.autograd.Function):
     """All-gather along the batch; backward returns W × the gradient of the local slot."""
 
     @staticmethod
-    def forward(ctx, local):
+    def forward(ctx, local, sizes):
         rank, world = _distributed_world()
-        gathered, sizes = _all_gather_rows(local)
         start = sum(sizes[:rank])
         ctx.slot = (start, start + sizes[rank])
         ctx.world = world
-        return gathered
+        return _all_gather_rows(local, sizes)
 
     @staticmethod
     def backward(ctx, grad_gathered):
         start, stop = ctx.slot
-        return grad_gathered[start:stop] * ctx.world
+        return grad_gathered[start:stop] * ctx.world, None
 
 
 def gather_features(image_emb: torch.Tensor, text_emb: torch.Tensor,
@@ -78,9 +79,10 @@ def gather_features(image_emb: torch.Tensor, text_emb: torch.Tensor,
     _, world = _distributed_world()
     if world == 1:
         return image_emb, text_emb, labels
+    sizes = _batch_sizes(image_emb.shape[0], image_emb.device)  # shared by the three gathers
     if labels is not None:
-        labels, _ = _all_gather_rows(labels)
-    return _GatherFeatures.apply(image_emb), _GatherFeatures.apply(text_emb), labels
+        labels = _all_gather_rows(labels, sizes)
+    return (_GatherFeatures.apply(image_emb, sizes), _GatherFeatures.apply(text_emb, sizes), labels)
 
 
 class LabelGuidedInfoNCELoss(nn.Module):
