@@ -18,14 +18,19 @@ import math
 import os
 import random
 import time
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from sklearn.metrics import balanced_accuracy_score
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from acelora.data.collate import ImageTextCollator
+from acelora.eval.prompts import DEFAULT_TEMPLATES
+from acelora.eval.zeroshot import class_embeddings
 from acelora.nn.loss import LabelGuidedInfoNCELoss
 from acelora.train.checkpoint import atomic_directory, load_checkpoint, save_checkpoint
 from acelora.train.distributed import DistInfo, all_reduce_mean, barrier
@@ -35,7 +40,6 @@ from acelora.train.settings import TrainConfig
 
 log = logging.getLogger("acelora.train")
 
-DEFAULT_TEMPLATES = ("a chest X-ray image of {c}.", "Findings suggesting {c}.")
 
 
 # --- determinism ------------------------------------------------------------------------------
@@ -142,31 +146,6 @@ class EpochSampler(Sampler[int]):
         return (self.steps_per_epoch - self.skip_batches) * (self.batch_size // self.world)
 
 
-class PairCollator:
-    """Image–text items → ``dict(images, input_ids, attention_mask, labels)``; the text is
-    tokenised by the model's tokenizer and padded to the batch's longest report."""
-
-    def __init__(self, tokenizer: Callable, context_length: int | None = None):
-        self.tokenizer = tokenizer
-        self.context_length = context_length
-
-    def __call__(self, items: Sequence[dict]) -> dict:
-        if not items:
-            raise ValueError("empty batch")
-        missing = [k for k in ("image", "text") if k not in items[0]]
-        if missing:
-            raise KeyError(f"image-text items need keys 'image' and 'text'; missing {missing}")
-        texts = [it["text"] for it in items]
-        tokens = (self.tokenizer(texts, context_length=self.context_length)
-                  if self.context_length else self.tokenizer(texts))
-        out = {"images": torch.stack([it["image"] for it in items]),
-               "input_ids": torch.as_tensor(tokens["input_ids"], dtype=torch.long),
-               "attention_mask": torch.as_tensor(tokens["attention_mask"], dtype=torch.long)}
-        if "labels" in items[0]:
-            out["labels"] = torch.stack([torch.as_tensor(it["labels"], dtype=torch.float32) for it in items])
-        return out
-
-
 # --- the model seen by the loop ---------------------------------------------------------------
 
 class ContrastiveForward(nn.Module):
@@ -206,12 +185,7 @@ def zero_shot_accuracy(model: nn.Module, dataset, classnames: Sequence[str] | No
     was_training = model.training
     model.eval()
     try:
-        prompts = [t.replace("{c}", c) for c in classnames for t in templates]
-        tokens = model.tokenizer(prompts)
-        text = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
-                                 normalize=True).float()
-        text = F.normalize(text, dim=-1).view(len(classnames), len(templates), -1).mean(1)
-        class_emb = F.normalize(text, dim=-1)
+        class_emb = class_embeddings(model, classnames, templates)
         preds, targets = [], []
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
@@ -222,10 +196,10 @@ def zero_shot_accuracy(model: nn.Module, dataset, classnames: Sequence[str] | No
         pred, target = torch.cat(preds), torch.cat(targets)
     finally:
         model.train(was_training)
-    correct = pred == target
-    recalls = [correct[target == c].float().mean().item() for c in range(len(classnames))
-               if (target == c).any()]
-    return {"accuracy": correct.float().mean().item(), "balanced_accuracy": float(np.mean(recalls))}
+    with warnings.catch_warnings():  # a predicted class absent from a small validation set is fine
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        balanced = float(balanced_accuracy_score(target.numpy(), pred.numpy()))
+    return {"accuracy": (pred == target).float().mean().item(), "balanced_accuracy": balanced}
 
 
 # --- the trainer ------------------------------------------------------------------------------
@@ -282,7 +256,7 @@ class Trainer:
         self.total_steps = m.epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(self.optimizer, m.warmup_steps, self.total_steps)
         self.train_dataset = train_dataset
-        self.collate_fn = collate_fn or PairCollator(model.tokenizer)
+        self.collate_fn = collate_fn or ImageTextCollator(model.tokenizer)
         self.loss_fn = LabelGuidedInfoNCELoss(gather=True, backend=m.backend)
         model_cfg = getattr(model, "config", None)
         if m.grad_checkpointing and not getattr(model_cfg, "grad_checkpointing", False):

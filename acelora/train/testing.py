@@ -93,7 +93,8 @@ def ddp_grad_worker(rank: int, world_size: int, init_file: str, work_dir: str) -
 
     from acelora.config import get_config
     from acelora.train.distributed import DistInfo
-    from acelora.train.loop import PairCollator, Trainer
+    from acelora.data.collate import ImageTextCollator
+    from acelora.train.loop import Trainer
     from acelora.train.settings import TrainConfig
 
     torch.set_num_threads(1)
@@ -112,7 +113,7 @@ def ddp_grad_worker(rank: int, world_size: int, init_file: str, work_dir: str) -
                               dist_info=DistInfo(rank, world_size, rank, torch.device("cpu")))
             # This rank's share of the global batch: positions rank, rank + W, ... (the sampler's deal).
             items = [data[i] for i in range(rank, case["n"], world_size)]
-            loss = trainer.backward(PairCollator(model.tokenizer)(items))
+            loss = trainer.backward(ImageTextCollator(model.tokenizer)(items))
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             results.append({"loss": loss, "grads": grads})
         torch.save(results, os.path.join(work_dir, f"rank{rank}.pt"))

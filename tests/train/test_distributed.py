@@ -7,7 +7,8 @@ import torch.multiprocessing as mp
 
 from acelora.config import get_config
 from acelora.testing import rel_err
-from acelora.train.loop import PairCollator, Trainer
+from acelora.data.collate import ImageTextCollator
+from acelora.train.loop import Trainer
 from acelora.train.settings import TrainConfig
 from acelora.train.testing import ToyCLIP, ToyPairs, ddp_grad_worker
 
@@ -20,7 +21,7 @@ def _single_process(case, tmp_path):
                       method=get_config("paper", batch_size=case["n"], grad_accum=1, lr=1e-3,
                                         warmup_steps=0, epochs=1))
     trainer = Trainer(model, data, cfg)
-    loss = trainer.backward(PairCollator(model.tokenizer)([data[i] for i in range(case["n"])]))
+    loss = trainer.backward(ImageTextCollator(model.tokenizer)([data[i] for i in range(case["n"])]))
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from acelora.config import get_config
 from acelora.train import checkpoint as ckpt
 from acelora.train.optim import build_optimizer
-from acelora.train.loop import EpochSampler, PairCollator, Trainer
+from acelora.data.collate import ImageTextCollator
+from acelora.train.loop import EpochSampler, Trainer
 from acelora.train.settings import TrainConfig
 from acelora.train.testing import ToyCLIP, ToyPairs
 from acelora.testing import rel_err
@@ -52,7 +53,7 @@ def test_accumulation_gives_the_full_batch_gradient(tmp_path, accum):
     model = ToyCLIP(dropout=0.0)
     data = ToyPairs(32, seed=accum)
     trainer = Trainer(model, data, _cfg(tmp_path, batch_size=16, grad_accum=accum))
-    batch = PairCollator(model.tokenizer)([data[i] for i in range(16)])
+    batch = ImageTextCollator(model.tokenizer)([data[i] for i in range(16)])
     loss = trainer.backward(batch)
     ref_loss, ref_grads = _reference_grads(model, batch)
     assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
@@ -71,7 +72,7 @@ def test_accumulation_replays_dropout_masks(tmp_path):
     model = ToyCLIP(dropout=0.3)
     data = ToyPairs(16, seed=5)
     trainer = Trainer(model, data, _cfg(tmp_path, batch_size=16, grad_accum=2))
-    batch = PairCollator(model.tokenizer)([data[i] for i in range(16)])
+    batch = ImageTextCollator(model.tokenizer)([data[i] for i in range(16)])
     state = torch.get_rng_state()
     trainer.backward(batch)
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

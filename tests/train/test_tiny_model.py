@@ -11,7 +11,8 @@ from acelora.cli import main
 from acelora.config import get_config
 from acelora.data.synthetic import SyntheticCXRPairs
 from acelora.testing import rel_err
-from acelora.train.loop import PairCollator, Trainer, apply_gradient_checkpointing
+from acelora.data.collate import ImageTextCollator
+from acelora.train.loop import Trainer, apply_gradient_checkpointing
 from acelora.train.settings import TrainConfig
 
 
@@ -33,7 +34,7 @@ def _grads(model):
 def test_accumulation_on_the_tiny_model(data, tmp_path):
     model = acelora.create_ace_lora("tiny", config=get_config("paper", lora_dropout=0.0))
     model.eval()  # every dropout off: 1 x B and 2 x B/2 see the same function
-    batch = PairCollator(model.tokenizer)([data[i] for i in range(8)])
+    batch = ImageTextCollator(model.tokenizer)([data[i] for i in range(8)])
     with torch.no_grad():  # LoRA B starts at zero; give it values so its A gets gradients too
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
@@ -52,7 +53,7 @@ def test_accumulation_on_the_tiny_model(data, tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_gradients(data, tmp_path):
     model = acelora.create_ace_lora("tiny", config="paper").train()  # dropout on
-    batch = PairCollator(model.tokenizer)([data[i] for i in range(8)])
+    batch = ImageTextCollator(model.tokenizer)([data[i] for i in range(8)])
     trainer = _trainer(model, data, tmp_path / "a")
     state = torch.get_rng_state()
     loss = trainer.backward(batch)
