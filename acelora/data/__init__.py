@@ -21,6 +21,7 @@ _EXPORTS = {
     "SyntheticCXRPairs": "synthetic", "render_cxr": "synthetic", "report_for": "synthetic",
     "write_mimic": "synthetic", "write_nih": "synthetic", "write_chexpert5x200": "synthetic",
     "write_rsna": "synthetic", "write_siim": "synthetic", "write_dicom": "synthetic",
+    "LC25000Dataset": "pathology", "MHISTDataset": "pathology", "ImageCaptionDataset": "captions",
 }
 
 __all__ = sorted(_EXPORTS)
