@@ -7,7 +7,7 @@ import logging
 import math
 import sys
 
-from acelora.eval.loading import MULTILABEL_DATASETS, ZEROSHOT_DATASETS
+from acelora.eval.loading import MULTILABEL_DATASETS, ZEROSHOT_DATASETS, ZEROSHOT_DEFAULT_SPLIT
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -55,9 +55,12 @@ def add_commands(subparsers) -> None:
     zs.add_argument("--dataset", required=True, choices=ZEROSHOT_DATASETS)
     zs.add_argument("--root", required=True,
                     help="dataset folder (or the CSV file for --dataset csv / chexpert5x200)")
-    zs.add_argument("--split", default="test", help="rsna/siim split: train | valid | test | all")
+    zs.add_argument("--split", default=None, help="rsna/siim: train | valid | test | all; "
+                    "mhist: train | test | all; lc25000-*: all | train | test (default: test; "
+                    "lc25000-*: all)")
     zs.add_argument("--classes", nargs="+", help="class names for the prompts (default: the protocol's)")
-    zs.add_argument("--templates", nargs="+", help="prompt templates with {c} (default: DESIGN §9's)")
+    zs.add_argument("--templates", nargs="+", help="prompt templates with {c} (default: DESIGN §9's; "
+                    "lc25000-*/mhist: the pathology ones)")
     zs.add_argument("--image-col", default="path", help="--dataset csv: image path column")
     zs.add_argument("--label-col", default="label", help="--dataset csv: class column")
     _add_run_args(zs)
@@ -132,7 +135,8 @@ def run_zeroshot(args) -> int:
 
     _setup_logging()
     model = _model(args)
-    dataset = build_zeroshot_dataset(args.dataset, args.root, dataset_transform(model), split=args.split,
+    split = args.split or ZEROSHOT_DEFAULT_SPLIT.get(args.dataset, "test")
+    dataset = build_zeroshot_dataset(args.dataset, args.root, dataset_transform(model), split=split,
                                      image_col=args.image_col, label_col=args.label_col,
                                      # csv: --classes also fixes the label order (names or ids)
                                      classes=args.classes if args.dataset == "csv" else None,

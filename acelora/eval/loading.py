@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 import tempfile
 
-ZEROSHOT_DATASETS = ("chexpert5x200", "rsna", "siim", "csv", "folder")
+ZEROSHOT_DATASETS = ("chexpert5x200", "rsna", "siim", "csv", "folder", "lc25000-lung",
+                     "lc25000-colon", "mhist")
+# The split each zero-shot set is evaluated on unless told (LC25000 has no official split).
+ZEROSHOT_DEFAULT_SPLIT = {"lc25000-lung": "all", "lc25000-colon": "all"}
 MULTILABEL_DATASETS = ("nih", "csv")
 
 
@@ -64,7 +67,9 @@ def build_zeroshot_dataset(kind: str, root: str, transform, split: str | None = 
 
     ``chexpert5x200``: the CSV or its folder; ``rsna`` / ``siim``: the official layout, ``split``
     of the deterministic train/valid/test assignment (``all`` = every image); ``csv``: a CSV with
-    ``image_col`` and ``label_col``; ``folder``: ``root/<class>/<image>``.
+    ``image_col`` and ``label_col``; ``folder``: ``root/<class>/<image>``; ``lc25000-lung`` /
+    ``lc25000-colon``: LC25000's lung (3-way) or colon (2-way) task, ``split`` all | train | test
+    of its deterministic hold-out; ``mhist``: MHIST's ``Partition`` (test | train | all).
     """
     from acelora.data.classification import (CheXpert5x200Dataset, CSVClassification,
                                              ImageFolderClassification)
@@ -83,6 +88,13 @@ def build_zeroshot_dataset(kind: str, root: str, transform, split: str | None = 
                                classes=classes, on_error=on_error)
     elif kind == "folder":
         ds = ImageFolderClassification(root, transform=transform, on_error=on_error)
+    elif kind in ("lc25000-lung", "lc25000-colon"):
+        from acelora.data.pathology import LC25000Dataset
+        ds = LC25000Dataset(root, task=kind.split("-")[1], split=split, transform=transform,
+                            on_error=on_error)
+    elif kind == "mhist":
+        from acelora.data.pathology import MHISTDataset
+        ds = MHISTDataset(root, split=split, transform=transform, on_error=on_error)
     else:
         raise ValueError(f"unknown zero-shot dataset {kind!r}; choose from {ZEROSHOT_DATASETS}")
     return _evaluation_mode(ds)

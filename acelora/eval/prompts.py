@@ -6,6 +6,10 @@ from typing import Sequence
 # Zero-shot classification: one class embedding = mean over these templates (DESIGN §9).
 DEFAULT_TEMPLATES = ("a chest X-ray image of {c}.", "Findings suggesting {c}.")
 
+# Histopathology (LC25000, MHIST): BiomedCLIP's own zero-shot prompt ("this is a photo of {c}")
+# plus the two stain/modality phrasings pathology CLIPs (PLIP, QuiltNet) are evaluated with.
+PATHOLOGY_TEMPLATES = ("this is a photo of {c}", "an H&E image of {c}.", "a histopathology image of {c}.")
+
 # Multi-label: per finding one positive and one negative prompt (CT-CLIP style "present / not
 # present"), each possibly an ensemble of several templates.
 POSITIVE_TEMPLATES = ("Findings suggesting {c}.",)
@@ -40,6 +44,16 @@ DATASET_CLASSNAMES = {
     "RSNAPneumoniaDataset": RSNA_CLASSNAMES,
     "SIIMPneumothoraxDataset": SIIM_CLASSNAMES,
 }
+
+
+# Zero-shot templates by dataset class name (see :func:`default_templates`).
+DATASET_TEMPLATES = {"LC25000Dataset": PATHOLOGY_TEMPLATES, "MHISTDataset": PATHOLOGY_TEMPLATES}
+
+
+def default_templates(dataset) -> tuple[str, ...]:
+    """The prompt templates of ``dataset``'s protocol: pathology ones for the histopathology
+    sets, else DESIGN §9's chest X-ray ones."""
+    return DATASET_TEMPLATES.get(type(dataset).__name__, DEFAULT_TEMPLATES)
 
 
 def check_templates(templates: Sequence[str], what: str = "templates") -> tuple[str, ...]:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from acelora.eval import metrics as M
 from acelora.eval._runtime import (SkipCounter, encode_images, encode_texts, inference_model,
                                    iterate_batches, logit_scale, resolve_device)
-from acelora.eval.prompts import DEFAULT_TEMPLATES, check_templates, default_classnames, fill
+from acelora.eval.prompts import (DEFAULT_TEMPLATES, check_templates, default_classnames,
+                                   default_templates, fill)
 
 
 def _check_classnames(classnames) -> list[str]:
@@ -72,15 +73,16 @@ def zero_shot_evaluate(model, dataset, classnames: Sequence[str] | None = None,
 
     ``dataset`` items are ``dict(image [3,H,W] (already transformed), label int, id)``.
     ``classnames`` default to the protocol's names for the known sets (CheXpert 5×200, RSNA,
-    SIIM) or the dataset's ``classes``. Images are streamed in batches under inference mode, with
-    LoRA merged (``merge``; restored afterwards). Images that fail to decode are counted in
-    ``skipped`` (``on_error="skip"``) or raise (``"raise"``).
+    SIIM) or the dataset's ``classes``; ``templates`` to the protocol's (pathology ones for
+    LC25000 / MHIST: :func:`~acelora.eval.prompts.default_templates`). Images are streamed in
+    batches under inference mode, with LoRA merged (``merge``; restored afterwards). Images that
+    fail to decode are counted in ``skipped`` (``on_error="skip"``) or raise (``"raise"``).
 
     With ``out_dir``: ``{name}.json`` (metrics, per-class table, confusion matrix, settings),
     ``{name}_confusion_matrix.png``, ``{name}_roc.png`` and ``{name}_predictions.csv``.
     """
     classnames = _check_classnames(classnames if classnames is not None else default_classnames(dataset))
-    templates = check_templates(templates if templates is not None else DEFAULT_TEMPLATES)
+    templates = check_templates(templates if templates is not None else default_templates(dataset))
     resolve_device(model, device)
     skips = SkipCounter()
     probs, targets, ids = [], [], []
