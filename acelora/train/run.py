@@ -31,6 +31,13 @@ def build_train_dataset(cfg: TrainConfig, model: nn.Module):
         return MimicCXRDataset(cfg.data_root, split="train",
                                transform=biomedclip_transform(model.image_size, train=True),
                                label_policy=LabelPolicy.from_config(m), on_error="skip")
+    if cfg.dataset == "captions":
+        from acelora.data.captions import ImageCaptionDataset
+        from acelora.data.transforms import biomedclip_transform
+        return ImageCaptionDataset(cfg.data_root, image_column=cfg.image_column,
+                                   caption_column=cfg.caption_column, label_columns=cfg.label_columns,
+                                   transform=biomedclip_transform(model.image_size, train=True),
+                                   on_error="skip")
     raise ValueError(f"unknown dataset {cfg.dataset!r}")
 
 
@@ -72,6 +79,16 @@ def build_evaluator(cfg: TrainConfig, model: nn.Module) -> tuple[Callable | None
             return {k: v for k, v in out.items() if isinstance(v, (int, float)) and k != "n"}
         metric = "mean_auroc" if cfg.val_metric == "accuracy" else cfg.val_metric
         return evaluate, metric
+    if kind in ("lc25000-lung", "lc25000-colon", "mhist"):
+        # Validate on the held-out images (LC25000's hash hold-out, MHIST's test partition).
+        from acelora.eval.loading import build_zeroshot_dataset
+        from acelora.eval.zeroshot import zero_shot_evaluate
+        data = build_zeroshot_dataset(kind, cfg.val_root, transform, split="test")
+
+        def evaluate(mdl):
+            out = zero_shot_evaluate(mdl, data, merge=False)
+            return {k: v for k, v in out.items() if isinstance(v, (int, float)) and k != "n"}
+        return evaluate, cfg.val_metric
     raise ValueError(f"unknown validation {kind!r}")
 
 

@@ -26,8 +26,9 @@ from typing import Any
 
 from acelora.config import PRESETS, ACELoRAConfig, get_config
 
-DATASETS = ("synthetic", "mimic")
-VALIDATIONS = ("auto", "none", "synthetic", "chexpert5x200", "nih")
+DATASETS = ("synthetic", "mimic", "captions")
+VALIDATIONS = ("auto", "none", "synthetic", "chexpert5x200", "nih", "lc25000-lung", "lc25000-colon",
+               "mhist")
 NAN_POLICIES = ("skip", "error")
 
 
@@ -48,6 +49,9 @@ class TrainConfig:
     data_root: str | None = None
     synthetic_size: int = 512                # synthetic training pairs
     synthetic_domain: int = 0
+    image_column: str = "image"              # captions: data_root is the CSV (or its folder)
+    caption_column: str = "caption"
+    label_columns: str | list[str] | None = None  # captions: label column(s) (label-guided loss)
     val: str = "auto"                        # auto: synthetic for synthetic data, else none
     val_root: str | None = None
     val_size: int = 200                      # synthetic validation items
@@ -71,9 +75,11 @@ class TrainConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset == "mimic" and not self.data_root:
             raise ValueError("dataset 'mimic' needs data_root (the MIMIC-CXR-JPG folder)")
+        if self.dataset == "captions" and not self.data_root:
+            raise ValueError("dataset 'captions' needs data_root (the image-caption CSV)")
         if self.val not in VALIDATIONS:
             raise ValueError(f"val must be one of {VALIDATIONS}, got {self.val!r}")
-        if self.val in ("chexpert5x200", "nih") and not self.val_root:
+        if self.val not in ("auto", "none", "synthetic") and not self.val_root:
             raise ValueError(f"val {self.val!r} needs val_root (the data set's folder)")
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
