@@ -22,6 +22,8 @@ _EXPORTS = {
     "write_mimic": "synthetic", "write_nih": "synthetic", "write_chexpert5x200": "synthetic",
     "write_rsna": "synthetic", "write_siim": "synthetic", "write_dicom": "synthetic",
     "LC25000Dataset": "pathology", "MHISTDataset": "pathology", "ImageCaptionDataset": "captions",
+    "CTRATEDataset": "ctrate", "CT_RATE_FINDINGS": "ctrate", "CTPreprocess": "ct_transforms",
+    "VolumeCache": "ct_transforms", "render_ct": "synthetic_ct", "write_ct_rate": "synthetic_ct",
 }
 
 __all__ = sorted(_EXPORTS)
