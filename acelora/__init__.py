@@ -29,4 +29,4 @@ from acelora import ops  # noqa: E402,F401
 from acelora.config import PRESETS, ACELoRAConfig, get_config  # noqa: E402,F401
 from acelora.nn.loss import LabelGuidedInfoNCELoss  # noqa: E402,F401
 from acelora.nn.hgnn import ACEHGNN  # noqa: E402,F401
-from acelora.models import ACELoRAModel, create_ace_lora, create_model  # noqa: E402,F401
+from acelora.models import ACELoRAModel, create_ace_lora, create_base_model, create_model  # noqa: E402,F401

@@ -93,7 +93,7 @@ def tiny():
 
 def test_text_padding_mask_matches_naive(tiny):
     model = tiny[0]
-    need = model._min_vertices()
+    need = model.text_tower.padding_policy.min_vertices
     g = torch.Generator().manual_seed(3)
     lengths = torch.randint(1, 12, (16,), generator=g)
     lengths[0] = 11
@@ -102,14 +102,14 @@ def test_text_padding_mask_matches_naive(tiny):
     for i, n in enumerate(lengths.tolist()):
         vertices = max(n, need)  # a short text borrows its first padded positions
         expected[i, vertices:] = True
-    assert torch.equal(model._text_padding(mask), expected)
-    assert _graph_breaks(lambda m: model._text_padding(m).sum(), mask) == []
-    assert torch.equal(_fullgraph(model._text_padding)(mask), expected)
+    assert torch.equal(model.text_tower.vertex_padding(mask), expected)
+    assert _graph_breaks(lambda m: model.text_tower.vertex_padding(m).sum(), mask) == []
+    assert torch.equal(_fullgraph(model.text_tower.vertex_padding)(mask), expected)
 
 
 def test_default_forward_has_no_graph_breaks(tiny):
     model, images, tok, labels = tiny
-    assert min(tok["attention_mask"].sum(1).tolist()) < model._min_vertices()  # the short path
+    assert min(tok["attention_mask"].sum(1).tolist()) < model.text_tower.padding_policy.min_vertices  # the short path
 
     def forward():
         image_emb = model.encode_image(images)

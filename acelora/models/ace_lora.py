@@ -1,9 +1,10 @@
 """The model objects users hold: ``CLIPModel`` (a frozen base) and ``ACELoRAModel`` (LoRA +
 ACE-HGNN + label-guided InfoNCE on top of it), and their factories.
 
-Both expose one interface (tokenizer, preprocess, encode_image/encode_text/encode_image_tokens,
-logit_scale, forward -> {"loss", "image_emb", "text_emb", "logit_scale"}), so evaluation code does
-not care which it gets.
+Both expose one interface (tokenizer, preprocess, encode_image/encode_text, the token APIs,
+image_features/text_features -> ``TowerOutput``, logit_scale, forward -> {"loss", "image_emb",
+"text_emb", "logit_scale"}), so evaluation code does not care which it gets. The model talks to
+its base only through its two towers (``acelora.models.towers``).
 """
 from __future__ import annotations
 
@@ -17,21 +18,21 @@ from torch import nn
 
 from acelora.config import ACELoRAConfig, get_config
 from acelora.models import adapters as _adapters
-from acelora.models.biomedclip import create_base_model
-from acelora.models.inject import inject_adapters
-from acelora.nn.lora import LoRAQKV
+from acelora.models.attention_adapters import LoRASpec, inject_attention
+from acelora.models.factory import create_base_model
+from acelora.models.tower_text import text_tower
+from acelora.models.tower_vit import image_tower
+from acelora.models.towers import PaddingPolicy, TowerOutput
+from acelora.nn.hgnn import ACEHGNN
 from acelora.nn.loss import LabelGuidedInfoNCELoss
 
 
-def _pair0(v) -> int:
-    return int(v[0] if isinstance(v, (tuple, list)) else v)
-
-
 class CLIPModel(nn.Module):
-    """An open_clip BiomedCLIP-like model with acelora's interface (no adapters).
+    """A CLIP-like base model with acelora's interface (no adapters).
 
-    Attributes: ``base`` (the open_clip model), ``tokenizer``, ``preprocess``, ``logit_scale``
-    (log of the multiplier, open_clip convention).
+    Attributes: ``base`` (the open_clip model), ``image_tower`` / ``text_tower`` (plain objects
+    over the base's modules), ``tokenizer``, ``preprocess``, ``logit_scale`` (log of the
+    multiplier, open_clip convention).
     """
 
     def __init__(self, base: nn.Module, tokenizer, preprocess=None):
@@ -39,97 +40,65 @@ class CLIPModel(nn.Module):
         self.base = base
         self.tokenizer = tokenizer
         self.preprocess = preprocess
+        self.image_tower = image_tower(base.visual)
+        self.text_tower = text_tower(base)
         self.logit_scale = base.logit_scale  # shared with the base
         self.loss_fn = LabelGuidedInfoNCELoss()
 
     # ------------------------------------------------------------------ shapes
     @property
     def image_size(self) -> int:
-        return _pair0(self.base.visual.image_size)
+        return self.image_tower.image_size
 
     @property
     def patch_size(self) -> int:
-        return _pair0(self.base.visual.trunk.patch_embed.patch_size)
+        return self.image_tower.patch_size
 
     @property
     def embed_dim(self) -> int:
-        return int(self.base.embed_dim)
+        dim = getattr(self.base, "embed_dim", None)
+        return int(dim if dim is not None else self.base.visual.output_dim)
 
     @property
     def context_length(self) -> int:
-        return int(self.base.context_length)
+        return self.text_tower.context_length
 
     @property
     def pad_token_id(self) -> int:
-        return int(self.base.text.config.pad_token_id or 0)
+        return self.text_tower.pad_token_id
+
+    def describe_architecture(self) -> dict[str, Any]:
+        """The numbers that define the base (adapter fingerprints; works on the meta device)."""
+        return _adapters.describe_towers(self.image_tower, self.text_tower, self.embed_dim)
 
     # ------------------------------------------------------------------ towers
-    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be a [B, 3, H, W] tensor, got "
-                             f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
-        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes "
-                             f"{self.image_size}x{self.image_size}")
-        weight = self.base.visual.trunk.patch_embed.proj.weight
-        return images.to(device=weight.device, dtype=weight.dtype)
+    def image_features(self, images: torch.Tensor, cls_attn: str | None = None) -> TowerOutput:
+        """The image tower's output: projected tokens (0 = CLS), optionally the CLS row."""
+        return self.image_tower(images, cls_attn)
 
-    def _text_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a [B, L] tensor (use model.tokenizer(texts))")
-        if input_ids.shape[1] > self.context_length:
-            raise ValueError(f"input_ids have length {input_ids.shape[1]} > context length "
-                             f"{self.context_length}")
-        if attention_mask is None:
-            attention_mask = (input_ids != self.pad_token_id).long()
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} and input_ids "
-                             f"{tuple(input_ids.shape)} differ in shape")
-        device = self.base.text.transformer.embeddings.word_embeddings.weight.device
-        return input_ids.to(device), attention_mask.to(device).long()
-
-    def _image_forward(self, images):
-        """(features after the trunk's final norm [B,N,W], projected tokens [B,N,D])."""
-        feats = self.base.visual.trunk.forward_features(self._check_images(images))
-        return feats, self.base.visual.head(feats)
-
-    def _text_backbone(self, input_ids, attention_mask):
-        """(BERT output, attention_mask): the tower without its projection."""
-        input_ids, attention_mask = self._text_inputs(input_ids, attention_mask)
-        return self.base.text.transformer(input_ids=input_ids, attention_mask=attention_mask), attention_mask
-
-    def _text_forward(self, input_ids, attention_mask):
-        """(BERT output, projected tokens [B,L,D], attention_mask)."""
-        out, attention_mask = self._text_backbone(input_ids, attention_mask)
-        return out, self.base.text.proj(out.last_hidden_state), attention_mask
-
-    def _image_global(self, feats):
-        visual = self.base.visual
-        return visual.head(visual.trunk.forward_head(feats))
-
-    def _text_global(self, out, attention_mask):
-        return self.base.text.proj(self.base.text.pooler(out, attention_mask))
+    def text_features(self, input_ids, attention_mask=None, cls_attn: str | None = None) -> TowerOutput:
+        """The text tower's output: projected tokens (0 = the global token), the global token's
+        row when asked, and the HGNN key-padding mask."""
+        return self.text_tower(input_ids, attention_mask, cls_attn)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """[B, 3, S, S] -> [B, D]: the projected CLS embedding."""
-        feats = self.base.visual.trunk.forward_features(self._check_images(images))
-        emb = self._image_global(feats)
+        """[B, 3, S, S] -> [B, D]: the projected global embedding."""
+        emb = self.image_tower.pooled(images)
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
-        """[B, L] token ids (+ mask) -> [B, D]: the projected CLS embedding."""
-        out, mask = self._text_backbone(input_ids, attention_mask)  # only the pooled token is projected
-        emb = self._text_global(out, mask)
+        """[B, L] token ids (+ mask) -> [B, D]: the projected global embedding."""
+        emb = self.text_tower.pooled(input_ids, attention_mask)
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, N, D]: every output token projected and L2-normalised (0 = CLS)."""
-        return F.normalize(self._image_forward(images)[1], dim=-1)
+        return F.normalize(self.image_features(images).tokens, dim=-1)
 
     def encode_text_tokens(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """[B, L] -> [B, L, D]: every output token projected and L2-normalised (0 = CLS)."""
-        return F.normalize(self._text_forward(input_ids, attention_mask)[1], dim=-1)
+        """[B, L] -> [B, L, D]: every output token projected and L2-normalised (0 = global)."""
+        return F.normalize(self.text_features(input_ids, attention_mask).tokens, dim=-1)
 
     def tokenize(self, texts, context_length: int | None = None) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts, context_length=context_length)
@@ -147,7 +116,7 @@ class CLIPModel(nn.Module):
         return {"loss": loss, "image_emb": image_emb, "text_emb": text_emb, "logit_scale": scale}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing in both towers (open_clip's switch; LoRA grads are unchanged)."""
+        """Activation checkpointing in both towers (open_clip's switch, which the towers read)."""
         self.base.set_grad_checkpointing(enable)
 
     @torch.no_grad()
@@ -172,106 +141,76 @@ class ACELoRAModel(CLIPModel):
     logit scale, trained with label-guided InfoNCE (DESIGN §4–§6).
 
     ``encode_image`` / ``encode_text`` return the HGNN-refined global embedding
-    normalize(hgnn(normalize(tokens), cls_attn, key_padding_mask, global_only=True)); with
-    ``config.hgnn=False`` the projected CLS embedding.
+    normalize(hgnn(normalize(tokens), cls_attn, padding, global_only=True)); with
+    ``config.hgnn=False`` the projected global embedding. ``backend`` is how the ops run
+    (LoRA, HGNN, loss), not what the adapters are: it is not part of the config.
     """
 
     def __init__(self, base: nn.Module, tokenizer, preprocess=None,
-                 config: ACELoRAConfig | str | None = None):
+                 config: ACELoRAConfig | str | None = None, backend: str = "auto"):
         config = _as_config(config)
         super().__init__(base, tokenizer, preprocess)
         self.config = config
         base.requires_grad_(False)
-        self.layers = inject_adapters(base, config)
+        unknown = set(config.lora_towers) - {"image", "text"}
+        if unknown:
+            raise ValueError(f"lora_towers may hold 'image' and 'text', got {sorted(unknown)}")
+        spec = LoRASpec(config.lora_rank, config.lora_scale, config.lora_dropout, backend)
+        self.layers = inject_attention(
+            {"image": self.image_tower, "text": self.text_tower},
+            {kind: spec if kind in config.lora_towers else None for kind in ("image", "text")})
         if config.hgnn:
-            from acelora.nn.hgnn import ACEHGNN  # written beside this module; imported late
-
             kw = dict(dim=self.embed_dim, hidden=config.hgnn_hidden, topk=config.hgnn_topk,
-                      negative_slope=config.hgnn_negative_slope, backend=config.backend)
+                      negative_slope=config.hgnn_negative_slope, backend=backend)
             ref = base.logit_scale
             self.image_hgnn = ACEHGNN(**kw).to(device=ref.device, dtype=ref.dtype)
             self.text_hgnn = ACEHGNN(**kw).to(device=ref.device, dtype=ref.dtype)
+            # The HGNN needs k candidates in every row: a local row picks among the other locals.
+            self.text_tower.padding_policy = PaddingPolicy(
+                as_vertices=config.text_padding_as_vertices, min_vertices=config.hgnn_topk + 2)
         else:
             self.image_hgnn = self.text_hgnn = None
         # Own trainable copy: the base keeps its value.
         self.logit_scale = nn.Parameter(base.logit_scale.detach().clone())
-        self.loss_fn = LabelGuidedInfoNCELoss(backend=config.backend)
-        if config.grad_checkpointing:
-            self.set_grad_checkpointing(True)
+        self.loss_fn = LabelGuidedInfoNCELoss(backend=backend)
 
     # ------------------------------------------------------------------ towers
-    def _refine(self, hgnn, tokens, cls_attn, key_padding_mask, global_only=True):
-        # cls_attn stays fp32: the op selects on it and promotes it itself.
-        return hgnn(F.normalize(tokens, dim=-1), cls_attn, key_padding_mask, global_only=global_only)
+    def image_features(self, images, cls_attn: str | None = None) -> TowerOutput:
+        """As ``CLIPModel``; ``cls_attn=True`` asks for the row kind of the config."""
+        return self.image_tower(images, self.config.image_cls_attn if cls_attn is True else cls_attn)
+
+    def text_features(self, input_ids, attention_mask=None, cls_attn: str | None = None) -> TowerOutput:
+        mode = self.config.text_cls_attn if cls_attn is True else cls_attn
+        return self.text_tower(input_ids, attention_mask, mode)
+
+    def refine(self, hgnn, out: TowerOutput, global_only: bool = True) -> torch.Tensor:
+        """The HGNN on a tower's output (tokens normalised first; the row stays fp32)."""
+        return hgnn(F.normalize(out.tokens, dim=-1), out.cls_attn, out.padding, global_only=global_only)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         if self.image_hgnn is None:  # only the CLS token is projected
             return super().encode_image(images, normalize)
-        _, tokens = self._image_forward(images)
-        emb = self._refine(self.image_hgnn, tokens, self.layers.image[-1].pop_cls_attn(), None)
+        emb = self.refine(self.image_hgnn, self.image_features(images, True))
         return F.normalize(emb, dim=-1) if normalize else emb
-
-    def _min_vertices(self) -> int:
-        # The HGNN needs k candidates in every row: a local row picks among the other locals.
-        return self.config.hgnn_topk + 2 if self.text_hgnn is not None else 0
-
-    def _text_forward(self, input_ids, attention_mask):
-        input_ids, attention_mask = self._text_inputs(input_ids, attention_mask)
-        if self.text_hgnn is not None and self.config.text_padding_as_vertices:
-            # official: padded positions are vertices, and the released checkpoint always saw
-            # open_clip's fixed-length padding; pad to the context length so an embedding does not
-            # depend on the other texts of its batch.
-            short = self.context_length - input_ids.shape[1]
-        else:  # a batch of very short texts: pad (masked) up to the vertices the HGNN needs
-            short = self._min_vertices() - input_ids.shape[1]
-        if short > 0:
-            input_ids = F.pad(input_ids, (0, short), value=self.pad_token_id)
-            attention_mask = F.pad(attention_mask, (0, short), value=0)
-        return super()._text_forward(input_ids, attention_mask)
-
-    def _text_padding(self, attention_mask):
-        """key_padding_mask of the text HGNN (True = not a vertex).
-
-        ``paper``: padded tokens are not vertices, except that a text shorter than k+2 tokens
-        borrows its first padded positions so every hyperedge can still be built.
-        ``official``: None, every position is a vertex (as the released checkpoint was trained).
-        """
-        if self.config.text_padding_as_vertices:
-            return None
-        padding = attention_mask == 0
-        need = self._min_vertices()
-        # Branch-free (no `if too_short.any()`): that test was a device->host sync every text
-        # forward on a GPU and a torch.compile graph break; the masked form costs a few [B, L]
-        # elementwise ops and gives the same mask.
-        too_short = (~padding).sum(1, keepdim=True) < need
-        first = torch.arange(padding.shape[1], device=padding.device) < need
-        return padding & ~(too_short & first)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
         if self.text_hgnn is None:  # only the pooled token is projected
             return super().encode_text(input_ids, attention_mask, normalize)
-        _, tokens, mask = self._text_forward(input_ids, attention_mask)
-        emb = self._refine(self.text_hgnn, tokens, self.layers.text[-1].pop_cls_attn(),
-                           self._text_padding(mask))
+        emb = self.refine(self.text_hgnn, self.text_features(input_ids, attention_mask, True))
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_image_tokens(self, images: torch.Tensor, refined: bool = False) -> torch.Tensor:
         """[B, N, D] normalised tokens of the adapted tower; ``refined``: the HGNN's full output."""
-        _, tokens = self._image_forward(images)
-        if self.image_hgnn is not None:
-            cls_attn = self.layers.image[-1].pop_cls_attn()
-            if refined:
-                tokens = self._refine(self.image_hgnn, tokens, cls_attn, None, global_only=False)
+        refine = refined and self.image_hgnn is not None
+        out = self.image_features(images, refine or None)
+        tokens = self.refine(self.image_hgnn, out, global_only=False) if refine else out.tokens
         return F.normalize(tokens, dim=-1)
 
     def encode_text_tokens(self, input_ids, attention_mask=None, refined: bool = False):
-        _, tokens, mask = self._text_forward(input_ids, attention_mask)
-        if self.text_hgnn is not None:
-            cls_attn = self.layers.text[-1].pop_cls_attn()
-            if refined:
-                tokens = self._refine(self.text_hgnn, tokens, cls_attn, self._text_padding(mask),
-                                      global_only=False)
+        refine = refined and self.text_hgnn is not None
+        out = self.text_features(input_ids, attention_mask, refine or None)
+        tokens = self.refine(self.text_hgnn, out, global_only=False) if refine else out.tokens
         return F.normalize(tokens, dim=-1)
 
     def forward(self, images, input_ids, attention_mask=None, labels=None):
@@ -280,7 +219,7 @@ class ACELoRAModel(CLIPModel):
         return super().forward(images, input_ids, attention_mask, labels)
 
     # ------------------------------------------------------------------ adapters
-    def lora_modules(self) -> list[LoRAQKV]:
+    def lora_modules(self) -> list[nn.Module]:
         return self.layers.lora_modules()
 
     def merge(self) -> None:
@@ -309,7 +248,7 @@ class ACELoRAModel(CLIPModel):
 
         Works merged or not: A, B and the fingerprinted base tensors do not change on merge()."""
         _adapters.write_adapters(directory, self.adapter_state_dict(), self.config,
-                                 _adapters.base_fingerprint(self.base))
+                                 _adapters.base_fingerprint(self))
 
     @torch.no_grad()
     def load_adapters(self, directory: str | os.PathLike) -> None:
@@ -319,7 +258,7 @@ class ACELoRAModel(CLIPModel):
         """
         meta = _adapters.read_adapter_config(directory)
         _adapters.check_structure(meta["config"], self.config)
-        _adapters.check_fingerprint(meta.get("base", {}), self.base)
+        _adapters.check_fingerprint(meta.get("base", {}), self)
         tensors = _adapters.read_adapter_tensors(directory)
         own = self.adapter_state_dict()
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
@@ -398,12 +337,14 @@ def create_ace_lora(name: str = "biomedclip", config: ACELoRAConfig | str | None
                     adapters: str | os.PathLike | None = None,
                     device: str | torch.device | None = None,
                     pretrained: str | os.PathLike | None = None,
-                    dtype: torch.dtype | None = None, **overrides: Any) -> ACELoRAModel:
+                    dtype: torch.dtype | None = None, backend: str = "auto",
+                    **overrides: Any) -> ACELoRAModel:
     """An ACE-LoRA model on a base (see ``create_model``), optionally with saved adapters.
 
     ``config``: a preset name ("paper" | "official"), an ``ACELoRAConfig``, or None (the
     adapters' own config when ``adapters`` is given, else "paper"). ``overrides`` replace config
-    fields. The model is returned in eval mode; call ``.train()`` to train.
+    fields. ``backend``: the ops' backend for LoRA, HGNN and loss ("auto" | "reference" |
+    "triton" | "cuda"). The model is returned in eval mode; call ``.train()`` to train.
     """
     if config is None and adapters is not None:
         config = _adapters.read_adapter_config(adapters)["config"]
@@ -412,7 +353,7 @@ def create_ace_lora(name: str = "biomedclip", config: ACELoRAConfig | str | None
         cfg = cfg.replace(**overrides)
     base, tokenizer, preprocess = create_base_model(name, pretrained=pretrained, device=None,
                                                     dtype=dtype)
-    model = ACELoRAModel(base, tokenizer, preprocess, cfg)
+    model = ACELoRAModel(base, tokenizer, preprocess, cfg, backend=backend)
     if adapters is not None:
         model.load_adapters(adapters)
     model.to(device=device)

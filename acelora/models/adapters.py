@@ -30,35 +30,39 @@ FORMAT_VERSION = 1
 STRUCTURAL_FIELDS = ("lora_rank", "lora_towers", "hgnn", "hgnn_hidden")
 
 
-def describe_architecture(base: nn.Module) -> dict[str, Any]:
-    """The numbers that define an open_clip BiomedCLIP-like base (works on the meta device)."""
-    trunk = base.visual.trunk
-    bert = base.text.transformer.config
-    patch = trunk.patch_embed.patch_size
-    size = base.visual.image_size
+def _towers(model: nn.Module):
+    """(image tower, text tower, embed_dim) of an acelora model or of a raw open_clip base."""
+    if hasattr(model, "image_tower") and hasattr(model, "text_tower"):
+        return model.image_tower, model.text_tower, int(model.embed_dim)
+    from acelora.models.tower_text import text_tower
+    from acelora.models.tower_vit import image_tower
+
+    dim = getattr(model, "embed_dim", None)
+    return image_tower(model.visual), text_tower(model), int(dim if dim is not None else model.visual.output_dim)
+
+
+def describe_towers(image, text, embed_dim: int) -> dict[str, Any]:
+    """The numbers that define a two-tower base (works on the meta device)."""
+    img, txt = image.describe(), text.describe()
     return {
-        "embed_dim": int(base.embed_dim) if hasattr(base, "embed_dim") else int(base.visual.head.proj.out_features),
-        "image_size": int(size[0] if isinstance(size, (tuple, list)) else size),
-        "patch_size": int(patch[0] if isinstance(patch, (tuple, list)) else patch),
-        "vision_width": int(trunk.embed_dim),
-        "vision_depth": len(trunk.blocks),
-        "vision_heads": int(trunk.blocks[0].attn.num_heads),
-        "text_width": int(bert.hidden_size),
-        "text_depth": int(bert.num_hidden_layers),
-        "text_heads": int(bert.num_attention_heads),
-        "vocab_size": int(bert.vocab_size),
-        "context_length": int(getattr(base, "context_length", 0)),
+        "embed_dim": int(embed_dim),
+        "image_size": img["image_size"], "patch_size": img["patch_size"],
+        "vision_width": img["width"], "vision_depth": img["depth"], "vision_heads": img["heads"],
+        "text_width": txt["width"], "text_depth": txt["depth"], "text_heads": txt["heads"],
+        "vocab_size": txt["vocab_size"], "context_length": txt["context_length"],
+        "image_tower": img["tower"], "text_tower": txt["tower"],
     }
 
 
-def _hashed_tensors(base: nn.Module) -> dict[str, torch.Tensor]:
+def describe_architecture(model: nn.Module) -> dict[str, Any]:
+    """``describe_towers`` of an acelora model or a raw open_clip base."""
+    return describe_towers(*_towers(model))
+
+
+def _hashed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     # Frozen tensors outside the attention projections, present in every such base.
-    return {
-        "patch_embed": base.visual.trunk.patch_embed.proj.weight,
-        "image_proj": base.visual.head.proj.weight,
-        "word_embeddings": base.text.transformer.embeddings.word_embeddings.weight,
-        "text_proj": next(p for p in base.text.proj.parameters()),
-    }
+    image, text, _ = _towers(model)
+    return {**image.hashed_tensors(), **text.hashed_tensors()}
 
 
 def weights_hash(base: nn.Module) -> str:

@@ -307,39 +307,3 @@ def load_model_dir(directory: str | os.PathLike):
     load_base_weights(model, load_state_dict_file(files["weights"]))
     tokenizer = TextTokenizer.from_directory(directory, model.context_length)
     return model, tokenizer, build_preprocess(oc_config)
-
-
-# --------------------------------------------------------------------------- factory
-
-def create_base_model(name: str = "biomedclip", pretrained: str | os.PathLike | None = None,
-                      device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """The frozen base model, its tokenizer and its eval image transform.
-
-    Args:
-        name: ``"biomedclip"`` or ``"tiny"`` (built-in architectures, random weights unless
-            ``pretrained``), or a local model folder (``"local-dir:/path"`` or ``"/path"``).
-        pretrained: a state-dict file (.bin/.pt/.safetensors, open_clip key names) to load into a
-            built-in architecture. Never downloaded.
-        device, dtype: where and in which dtype to put the model.
-
-    Returns ``(model, tokenizer, preprocess)``; the model is in eval mode. The built-in
-    architectures tokenize with the generated vocabulary; BiomedCLIP's real tokenizer comes with
-    its folder.
-    """
-    path = _strip_schema(os.fspath(name))
-    if name in BUILTIN_MODELS:
-        oc_config, bert_config = BUILTIN_MODELS[name]
-        model = build_model(oc_config, bert_config, name=name)
-        if pretrained is not None:
-            load_base_weights(model, load_state_dict_file(pretrained))
-        tokenizer = TextTokenizer.generated(model.context_length)
-        preprocess = build_preprocess(oc_config)
-    elif os.path.isdir(path) or name.startswith("local-dir:"):
-        if pretrained is not None:
-            raise ValueError("pretrained= is for built-in architectures; a model folder has its weights")
-        model, tokenizer, preprocess = load_model_dir(path)
-    else:
-        raise ValueError(f"unknown base model {name!r}: use one of {sorted(BUILTIN_MODELS)} "
-                         "or a local model folder")
-    model.to(device=device, dtype=dtype)
-    return model.eval(), tokenizer, preprocess

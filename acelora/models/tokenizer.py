@@ -155,3 +155,50 @@ class TextTokenizer:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, "
                 f"context_length={self.context_length})")
+
+
+class OpenCLIPTokenizer:
+    """open_clip's BPE tokenizer (``SimpleTokenizer``, shipped inside open_clip: no download) with
+    acelora's interface: texts -> ``input_ids`` and ``attention_mask`` [B, L], L the batch's
+    longest text (through its EOT token), at most the context length.
+
+    The mask marks the tokens up to and including EOT (id 0 is a real BPE token, so padding cannot
+    be told from ``input_ids != 0``)."""
+
+    def __init__(self, context_length: int = 77, tokenizer=None):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.tokenizer = tokenizer if tokenizer is not None else SimpleTokenizer(context_length=context_length)
+        self.context_length = int(context_length)
+        self.eot_token_id = int(getattr(self.tokenizer, "eot_token_id"))
+
+    @property
+    def pad_token_id(self) -> int:
+        return 0
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer.encoder)
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None
+                 ) -> dict[str, torch.Tensor]:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise ValueError("no texts to tokenize")
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts must be strings, got {sorted(set(bad))}")
+        ids = self.tokenizer(texts, context_length=int(context_length or self.context_length)).long()
+        eot = ids.argmax(-1)          # EOT has the highest id of the vocabulary
+        length = int(eot.max()) + 1
+        ids = ids[:, :length]
+        mask = (torch.arange(length)[None] <= eot[:, None]).long()
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Nothing to write: the BPE vocabulary ships with open_clip."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, context_length={self.context_length})"

@@ -300,12 +300,12 @@ class Trainer:
         chunks = []
         for i in range(k):
             mb = {key: (v[i * size:(i + 1) * size] if torch.is_tensor(v) else v) for key, v in batch.items()}
-            if k > 1 and not self.method.text_padding_as_vertices:
-                # Padding is not part of the model's input in the paper preset: trim it to the
-                # micro-batch's longest text.
-                length = int(mb["attention_mask"].sum(1).max())
-                mb["input_ids"] = mb["input_ids"][:, :length]
-                mb["attention_mask"] = mb["attention_mask"][:, :length]
+            tower = getattr(self.model, "text_tower", None)
+            if k > 1 and tower is not None:
+                # The text tower's padding rule: in the paper preset a micro-batch is trimmed to
+                # its longest text, as if it had been collated alone.
+                mb["input_ids"], mb["attention_mask"] = tower.fit(
+                    mb["input_ids"], mb["attention_mask"], trim=True)
             chunks.append(mb)
         return chunks
 

@@ -52,10 +52,8 @@ def test_cls_attention_equals_naive_from_the_base_blocks(tiny, preset, make_ace,
     model = make_ace(preset)
     cfg = model.config
     with torch.no_grad():
-        model._image_forward(images)
-        img_row = model.layers.image[-1].pop_cls_attn()
-        model._text_forward(tok["input_ids"], tok["attention_mask"])
-        txt_row = model.layers.text[-1].pop_cls_attn()
+        img_row = model.image_features(images, True).cls_attn
+        txt_row = model.text_features(tok["input_ids"], tok["attention_mask"], True).cls_attn
     heads = base.visual.trunk.blocks[-1].attn.num_heads
     qkv = cap["qkv"].unflatten(-1, (3, heads, -1))
     ref = naive_cls_row(qkv[:, :, 0], qkv[:, :, 1], cfg.image_cls_attn)
@@ -76,13 +74,13 @@ def test_global_embedding_is_refined_cls(tiny, preset, make_ace, randomize, text
     images = torch.randn(2, 3, 64, 64)
     tok = model.tokenizer(texts)
     with torch.no_grad():
-        _, tokens = model._image_forward(images)
-        row = model.layers.image[-1].pop_cls_attn()
-        want = F.normalize(model.image_hgnn(F.normalize(tokens, dim=-1), row, None, global_only=True), dim=-1)
+        out = model.image_features(images, True)
+        assert out.padding is None
+        want = F.normalize(model.image_hgnn(F.normalize(out.tokens, dim=-1), out.cls_attn, None, global_only=True), dim=-1)
         assert rel_err(model.encode_image(images), want) < 1e-6
-        out, tokens, mask = model._text_forward(tok["input_ids"], tok["attention_mask"])
-        row = model.layers.text[-1].pop_cls_attn()
-        kpm = model._text_padding(mask)
+        ids, mask = model.text_tower.fit(tok["input_ids"], tok["attention_mask"])
+        out = model.text_features(tok["input_ids"], tok["attention_mask"], True)
+        tokens, row, kpm = out.tokens, out.cls_attn, out.padding
         if preset == "official":
             assert kpm is None
         else:  # padding is masked, except what the 3-token "edema" borrows to reach k + 2 vertices
@@ -110,12 +108,11 @@ def test_padding_policy_of_the_presets(tiny, make_ace, randomize, texts):
             padded = model.encode_text(**tiny.tokenizer([short, long]))[0]
             unpadded = model.encode_text(**tiny.tokenizer([short]))[0]
             assert torch.allclose(padded, unpadded, atol=1e-5)
-            _, tokens, mask = model._text_forward(**tiny.tokenizer([short]))
-            model.layers.text[-1].pop_cls_attn()
+            out = model.text_features(**tiny.tokenizer([short]))
         if preset == "official":
-            assert tokens.shape[1] == model.context_length and model._text_padding(mask) is None
+            assert out.tokens.shape[1] == model.context_length and out.padding is None
         else:
-            assert tokens.shape[1] == lengths[1] and not model._text_padding(mask).any()
+            assert out.tokens.shape[1] == lengths[1] and not out.padding.any()
 
 
 def test_very_short_texts_still_build_hyperedges(tiny, make_ace):

@@ -62,9 +62,12 @@ def test_import_lands_every_tensor_in_place(tiny, tmp_path):
     assert math.isclose(model(torch.randn(2, 3, 64, 64), **model.tokenizer(["a b c d e f", "g"]))
                         ["logit_scale"].item(), 33.3, rel_tol=1e-5)
     # also through the factory (its config comes from the adapter folder); another base is refused
-    torch.manual_seed(7)
+    other = tmp_path / "other.pt"
+    state = {k: v.clone() for k, v in tiny.base.state_dict().items()}
+    state["visual.trunk.patch_embed.proj.weight"].mul_(1.5)
+    torch.save(state, other)
     with pytest.raises(ValueError, match="weights"):
-        acelora.create_ace_lora("tiny", adapters=out)
+        acelora.create_ace_lora("tiny", adapters=out, pretrained=other)
 
 
 def test_import_for_biomedclip_architecture(tmp_path):

@@ -5,19 +5,25 @@ import torch
 from timm.models.vision_transformer import Attention
 from transformers import BertConfig, BertModel
 
-from acelora.nn.attention import BertQKVSelfAttention, ViTAttention, cls_attention_row
+from acelora.nn.attention import (BertQKVSelfAttention, MultiheadSelfAttention, ViTAttention,
+                                  attention_row)
 from acelora.nn.lora import LoRAQKV
 from acelora.testing import rel_err
 
 
-def naive_cls_row(q, k, mode, keep=None):
-    """float64, one head and one sample at a time."""
+def cls_attention_row(q, k, scale, mode, mask=None):
+    return attention_row(q, k, scale, mode, mask)[:, 1:]
+
+
+def naive_cls_row(q, k, mode, keep=None, index=None):
+    """float64, one head and one sample at a time; the query at ``index[b]`` (default 0)."""
     B, H, N, d = q.shape
     out = torch.zeros(B, N - 1, dtype=torch.float64)
     for b in range(B):
         rows = []
+        i = 0 if index is None else int(index[b])
         for h in range(H):
-            logits = torch.stack([q[b, h, 0].double() @ k[b, h, j].double() for j in range(N)]).detach()
+            logits = torch.stack([q[b, h, i].double() @ k[b, h, j].double() for j in range(N)]).detach()
             logits = logits / d ** 0.5
             if keep is not None:
                 logits = logits.masked_fill(~keep[b], float("-inf"))
@@ -80,17 +86,17 @@ def test_vit_attention_equals_timm_at_init_and_naive_with_lora():
     assert rel_err(layer(x), ref) < 1e-6
     with torch.no_grad():
         layer.qkv.lora_B.normal_()
-    layer.capture_cls_attention("probs")
-    out = layer(x)
+    out, row = layer.forward_with_row(x, "probs")
     want, q, k = naive_vit_attention(x, layer, 4)
-    assert rel_err(out, want) < 1e-5
+    assert rel_err(out, want) < 1e-5 and rel_err(layer(x), want) < 1e-5
     assert rel_err(out, ref) > 1e-3
-    assert rel_err(layer.pop_cls_attn(), naive_cls_row(q, k, "probs")) < 1e-5
-    with pytest.raises(RuntimeError, match="no CLS attention"):
-        layer.pop_cls_attn()
-    layer.capture_cls_attention("logits")
-    layer(x)
-    assert rel_err(layer.pop_cls_attn(), naive_cls_row(q, k, "logits")) < 1e-5
+    assert rel_err(row[:, 1:], naive_cls_row(q, k, "probs")) < 1e-5
+    _, row = layer.forward_with_row(x, "logits")
+    assert rel_err(row[:, 1:], naive_cls_row(q, k, "logits")) < 1e-5
+    # The explicit (materialised-matrix) formulation gives the same output and row.
+    layer.explicit = True
+    out_e, row_e = layer.forward_with_row(x, "logits")
+    assert rel_err(out_e, out) < 1e-5 and rel_err(row_e, row) < 1e-5
 
 
 def small_bert(**kw):
@@ -112,19 +118,47 @@ def test_bert_self_attention_equals_hf_with_padding():
         layer.attention.self = BertQKVSelfAttention(
             sa, LoRAQKV.from_linears(sa.query, sa.key, sa.value, rank=2))
     last = swapped.encoder.layer[-1].attention.self
-    last.capture_cls_attention("probs")
-    qk = {}
-    last.qkv.register_forward_hook(lambda m, i, o: qk.setdefault("qkv", o))
     out = swapped(input_ids=ids, attention_mask=mask).last_hidden_state
     valid = mask.bool()
     assert rel_err(out[valid], ref[valid]) < 1e-5
     # CLS row from this block's q, k; padded keys get zero attention.
-    q, k, _ = qk["qkv"].reshape(3, 9, 3, 4, 8).permute(2, 0, 3, 1, 4)
-    row = last.pop_cls_attn()
-    assert rel_err(row, naive_cls_row(q, k, "probs", valid)) < 1e-5
-    assert torch.all(row[2, 2:] == 0)
+    h = torch.randn(3, 9, 32)
+    q, k, _ = last.qkv(h).reshape(3, 9, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    _, row = last.forward_with_row(h, "probs", valid[:, None, None, :])
+    assert rel_err(row[:, 1:], naive_cls_row(q, k, "probs", valid)) < 1e-5
+    assert torch.all(row[2, 3:] == 0)
     # The swapped modules keep the mode of the ones they replaced.
     assert not last.training and not last.qkv.training
+
+
+def test_eot_row_under_causal_mask_matches_naive():
+    """The row of a query at a per-sample index (EOT) under a causal mask."""
+    B, H, N, d = 3, 2, 7, 4
+    q, k = torch.randn(B, H, N, d), torch.randn(B, H, N, d)
+    index = torch.tensor([6, 2, 4])
+    causal = torch.full((N, N), float("-inf")).triu(1)
+    keep = torch.arange(N)[None] <= index[:, None]
+    for mode in ("probs", "logits"):
+        row = attention_row(q, k, d ** -0.5, mode, causal, index)
+        ref = naive_cls_row(q, k, mode, keep, index)
+        full = torch.cat([torch.zeros(B, 1, dtype=torch.float64), ref], 1)
+        if mode == "probs":  # the naive row drops key 0; compare the kept keys
+            assert rel_err(row[:, 1:], ref) < 1e-6
+        else:
+            assert rel_err(row[:, 1:][keep[:, 1:]], full[:, 1:][keep[:, 1:]]) < 1e-6
+            assert torch.all(row[~keep] == torch.finfo(torch.float32).min)
+    assert torch.all(attention_row(q, k, d ** -0.5, "probs", causal, index)[~keep] == 0)
+
+
+def test_multihead_self_attention_equals_torch_mha():
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 6, 16)
+    causal = torch.full((6, 6), float("-inf")).triu(1)
+    ref = mha(x, x, x, need_weights=False, attn_mask=causal)[0]
+    mod = MultiheadSelfAttention(copy.deepcopy(mha), LoRAQKV(mha.in_proj_weight, mha.in_proj_bias, rank=2)).eval()
+    assert rel_err(mod(x, x, x, need_weights=False, attn_mask=causal)[0], ref) < 1e-5
+    with pytest.raises(ValueError, match="self-attention only"):
+        mod(x, torch.randn(2, 6, 16), x)
 
 
 def test_wrong_modules_are_refused():
