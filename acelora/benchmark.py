@@ -456,8 +456,7 @@ def explicit_attention(model: nn.Module) -> int:
 def _create_model(name: str, device: torch.device, backend: str):
     import acelora
 
-    cfg = acelora.get_config("paper", backend=backend)
-    return acelora.create_ace_lora(name, config=cfg, device=device)
+    return acelora.create_ace_lora(name, config="paper", device=device, backend=backend)
 
 
 def _hgnn_modules(model: nn.Module):

@@ -1,10 +1,15 @@
-"""One configuration dataclass for the method and its training, and the named presets."""
+"""The method config: what defines an ACE-LoRA adapter, and the named presets.
+
+An adapter folder stores exactly this (acelora/models/adapters.py). How a run trains it (lr,
+schedule, epochs, batch, seed, precision, data, backend) is the run config,
+:class:`acelora.train.settings.TrainConfig`, stored with the run.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 CHEXPERT_FINDINGS = (
@@ -13,12 +18,18 @@ CHEXPERT_FINDINGS = (
     "Pneumonia", "Pneumothorax", "Support Devices",
 )
 
+# Run settings that acelora 0.1.0 kept in this config, so adapter folders it wrote carry them.
+# They say how the adapters were trained, not what they are: readers drop them (with a note).
+LEGACY_RUN_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_accum",
+                     "grad_checkpointing", "precision", "seed", "extra", "backend")
+
 
 @dataclass
 class ACELoRAConfig:
-    """Everything that defines an ACE-LoRA model and how it is trained.
+    """What defines an ACE-LoRA adapter: its structure and the method's choices.
 
-    The defaults are the ``paper`` preset (DESIGN §4–§7).
+    The defaults are the ``paper`` preset (DESIGN §4–§7). ``preset`` records the preset the
+    fields started from (informative; the fields themselves are what counts).
     """
 
     # --- LoRA on the merged q/k/v projection of every attention layer (DESIGN §4)
@@ -37,25 +48,12 @@ class ACELoRAConfig:
     image_cls_attn: str = "probs"            # "probs" | "logits" (official: pre-softmax logits)
     text_cls_attn: str = "probs"
 
-    # --- loss (DESIGN §6)
+    # --- loss and labels (DESIGN §6)
     label_guided: bool = True
     uncertain_label: int = 0                 # CheXpert -1 maps to this (0 or 1)
     blank_label: int = 0
 
-    # --- kernels
-    backend: str = "auto"                    # "reference" | "triton" | "cuda" | "auto"
-
-    # --- training
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    grad_accum: int = 1
-    grad_checkpointing: bool = False
-    precision: str = "auto"                  # "auto" (bf16 autocast on a GPU) | "fp32" | "bf16"
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    preset: str = "paper"
 
     def __post_init__(self):
         if self.lora_scaling not in ("rslora", "standard"):
@@ -63,12 +61,12 @@ class ACELoRAConfig:
         for name in ("image_cls_attn", "text_cls_attn"):
             if getattr(self, name) not in ("probs", "logits"):
                 raise ValueError(f"{name} must be 'probs' or 'logits', got {getattr(self, name)!r}")
-        if self.backend not in ("reference", "triton", "cuda", "auto"):
-            raise ValueError(f"backend must be reference|triton|cuda|auto, got {self.backend!r}")
         if self.lora_rank < 1 or self.hgnn_topk < 1:
             raise ValueError("lora_rank and hgnn_topk must be >= 1")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
         self.lora_towers = tuple(self.lora_towers)
 
     @property
@@ -79,9 +77,7 @@ class ACELoRAConfig:
         return self.lora_alpha / self.lora_rank
 
     def replace(self, **changes) -> "ACELoRAConfig":
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown config field(s): {sorted(unknown)}")
+        _check_fields(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,14 +87,21 @@ class ACELoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ACELoRAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown config field(s): {sorted(unknown)}")
+        _check_fields(d)
         return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _check_fields(values: dict[str, Any]) -> None:
+    unknown = set(values) - {f.name for f in dataclasses.fields(ACELoRAConfig)}
+    if not unknown:
+        return
+    run = sorted(unknown & set(LEGACY_RUN_FIELDS))
+    hint = (f"; {run} are run settings: they belong to the run config "
+            "(acelora.train.settings.TrainConfig), not to the method" if run else "")
+    raise ValueError(f"unknown config field(s): {sorted(unknown)}{hint}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -115,7 +118,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def get_config(preset: str = "paper", **overrides) -> ACELoRAConfig:
-    """The config of a named preset, with field overrides."""
+    """The method config of a named preset, with field overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return ACELoRAConfig(**{**PRESETS[preset], **overrides})
+    _check_fields(overrides)
+    return ACELoRAConfig(**{**PRESETS[preset], **overrides, "preset": preset})

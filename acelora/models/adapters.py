@@ -3,6 +3,10 @@
     dir/adapter_model.safetensors   LoRA A/B of every layer, both HGNNs, logit_scale (its log)
     dir/adapter_config.json         {"format", "version", "config": ACELoRAConfig, "base": fingerprint}
 
+"config" is the method config only (what defines the adapters); how they were trained is the run's
+record. Folders of format version 1 (acelora 0.1.0) also hold run settings there (``lr``,
+``epochs``, ``seed``, ``extra``, ...): they are dropped on read, with a log line naming them.
+
 The fingerprint describes the base architecture (widths, depths, heads, vocabulary, ...) and hashes
 a few frozen tensors LoRA never touches, so adapters are refused on a different base with an error
 that names what differs. Hashes are taken over the bfloat16 rounding of the values, so a base cast
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,12 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from acelora.config import ACELoRAConfig
+from acelora.config import LEGACY_RUN_FIELDS, PRESETS, ACELoRAConfig
+
+log = logging.getLogger("acelora.models")
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 FORMAT = "acelora-adapters"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "config" holds the method config only (1 also held run settings)
 
 # Config fields that change the shapes/meaning of the saved tensors: they must agree on load.
 STRUCTURAL_FIELDS = ("lora_rank", "lora_towers", "hgnn", "hgnn_hidden")
@@ -106,11 +113,31 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(directory / ADAPTER_CONFIG_FILE)!r} is not an acelora adapter config")
-    if int(meta.get("version", 0)) > FORMAT_VERSION:
+    version = int(meta.get("version", 0))
+    if version > FORMAT_VERSION:
         raise ValueError(f"adapter format version {meta['version']} is newer than this acelora "
                          f"({FORMAT_VERSION})")
-    meta["config"] = ACELoRAConfig.from_dict(meta["config"])
+    config = dict(meta["config"])
+    if version < 2:
+        dropped = {k: config.pop(k) for k in LEGACY_RUN_FIELDS if k in config}
+        if dropped:
+            log.warning("adapter folder %s (format version %d) records run settings in its "
+                        "config; they do not define the adapters and were dropped: %s",
+                        str(directory), version, ", ".join(f"{k}={v!r}" for k, v in sorted(dropped.items())))
+        meta["dropped_run_fields"] = dropped
+        config.setdefault("preset", _matching_preset(config))
+    meta["config"] = ACELoRAConfig.from_dict(config)
     return meta
+
+
+def _matching_preset(fields: dict[str, Any]) -> str:
+    # Version-1 folders do not name their preset: the first non-default preset whose settings
+    # they all have (the official importer's folders are "official"), else "paper".
+    cfg = ACELoRAConfig.from_dict(fields)
+    for name, settings in PRESETS.items():
+        if settings and all(getattr(cfg, k) == v for k, v in settings.items()):
+            return name
+    return "paper"
 
 
 def write_adapters(directory: str | os.PathLike, tensors: dict[str, torch.Tensor],

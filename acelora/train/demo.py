@@ -83,10 +83,9 @@ def run_demo(output_dir: str = "acelora-demo", quick: bool = False, seed: int = 
          f"trainable) on {len(pre_train)} synthetic domain-0 image-report pairs", verbose)
     cfg1 = TrainConfig(
         model="tiny", dataset="synthetic", val="none", output_dir=gen_dir, progress=progress,
-        tensorboard=tensorboard, log_every=5,
-        method=get_config("paper", label_guided=False, lr=plan.pretrain_lr, weight_decay=0.05,
-                          epochs=plan.pretrain_epochs, batch_size=plan.pretrain_batch,
-                          warmup_steps=10, seed=seed, precision="fp32"))
+        tensorboard=tensorboard, log_every=5, lr=plan.pretrain_lr, weight_decay=0.05,
+        epochs=plan.pretrain_epochs, batch_size=plan.pretrain_batch, warmup_steps=10, seed=seed,
+        precision="fp32", method=get_config("paper", label_guided=False))
     gen_summary = Trainer(base, pre_train, cfg1, evaluate=lambda m: zero_shot_accuracy(m, val0)).fit()
     model_dir = os.path.join(gen_dir, "model")
     save_base_model(base.base, base.tokenizer, model_dir)
@@ -113,9 +112,9 @@ def run_demo(output_dir: str = "acelora-demo", quick: bool = False, seed: int = 
          verbose)
     cfg2 = TrainConfig(
         model=model_dir, dataset="synthetic", synthetic_domain=1, output_dir=ace_dir,
-        progress=progress, tensorboard=tensorboard, log_every=5,
-        method=get_config("paper", lr=plan.adapt_lr, weight_decay=0.01, epochs=plan.adapt_epochs,
-                          batch_size=plan.adapt_batch, warmup_steps=5, seed=seed, precision="fp32"))
+        progress=progress, tensorboard=tensorboard, log_every=5, lr=plan.adapt_lr, weight_decay=0.01,
+        epochs=plan.adapt_epochs, batch_size=plan.adapt_batch, warmup_steps=5, seed=seed,
+        precision="fp32", method=get_config("paper"))
     ace_summary = Trainer(model, adapt, cfg2, evaluate=lambda m: zero_shot_accuracy(m, val1)).fit()
     if ace_summary["best"]:
         model.load_adapters(ace_summary["best"])

@@ -238,29 +238,26 @@ class Trainer:
         self.output_dir = cfg.output_dir
         self.checkpoint_path = os.path.join(self.output_dir, "checkpoints", "last.pt")
 
-        m = self.method
-        per_rank, rem = divmod(m.batch_size, self.dist.world_size)
+        per_rank, rem = divmod(cfg.batch_size, self.dist.world_size)
         if rem:
-            raise ValueError(f"batch_size {m.batch_size} is not divisible by the world size "
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size "
                              f"{self.dist.world_size}")
-        if per_rank % m.grad_accum:
+        if per_rank % cfg.grad_accum:
             raise ValueError(f"each rank's batch ({per_rank} = batch_size / world size) is not "
-                             f"divisible by grad_accum {m.grad_accum}")
-        self.micro_batch = per_rank // m.grad_accum
+                             f"divisible by grad_accum {cfg.grad_accum}")
+        self.micro_batch = per_rank // cfg.grad_accum
 
         self.params = [p for _, p in trainable_named_parameters(model)]
-        self.optimizer = build_optimizer(model, lr=m.lr, weight_decay=m.weight_decay)
-        self.sampler = EpochSampler(len(train_dataset), m.batch_size, self.dist.world_size,
-                                    self.dist.rank, seed=m.seed)
+        self.optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sampler = EpochSampler(len(train_dataset), cfg.batch_size, self.dist.world_size,
+                                    self.dist.rank, seed=cfg.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total_steps = m.epochs * self.steps_per_epoch
-        self.scheduler = build_scheduler(self.optimizer, m.warmup_steps, self.total_steps)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, self.total_steps)
         self.train_dataset = train_dataset
         self.collate_fn = collate_fn or ImageTextCollator(model.tokenizer)
-        self.loss_fn = LabelGuidedInfoNCELoss(gather=True, backend=m.backend)
-        model_cfg = getattr(model, "config", None)
-        if m.grad_checkpointing and not getattr(model_cfg, "grad_checkpointing", False):
-            # (A model built with grad_checkpointing=True already checkpoints its own blocks.)
+        self.loss_fn = LabelGuidedInfoNCELoss(gather=True, backend=cfg.backend)
+        if cfg.grad_checkpointing:
             n = apply_gradient_checkpointing(model)
             if n == 0:
                 log.warning("grad_checkpointing: no transformer blocks found to checkpoint")
@@ -284,7 +281,7 @@ class Trainer:
 
     # --- one optimizer step ---------------------------------------------------------------
     def _forward(self, mb: dict):
-        with autocast_context(self.device, self.method.precision):
+        with autocast_context(self.device, self.cfg.precision):
             image, text, scale = self.forward_module(mb["images"], mb["input_ids"], mb["attention_mask"])
         return image.float(), text.float(), scale.float()
 
@@ -292,7 +289,7 @@ class Trainer:
         return batch.get("labels") if self.method.label_guided else None
 
     def _split(self, batch: dict) -> list[dict]:
-        k = self.method.grad_accum
+        k = self.cfg.grad_accum
         n = batch["images"].shape[0]
         if n % k:
             raise ValueError(f"a batch of {n} cannot be split into {k} micro-batches")
@@ -425,9 +422,9 @@ class Trainer:
         """Continue exactly where the checkpoint at ``path`` left off."""
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=False)
         extra = state["extra"]
-        if state["config"].get("batch_size", self.method.batch_size) != self.method.batch_size:
+        if state["config"].get("batch_size", self.cfg.batch_size) != self.cfg.batch_size:
             raise ValueError(f"checkpoint {path!r} was trained with batch_size "
-                             f"{state['config']['batch_size']}, this run uses {self.method.batch_size}")
+                             f"{state['config']['batch_size']}, this run uses {self.cfg.batch_size}")
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_done = int(extra.get("batches_done", 0))
         self.skipped_steps = int(extra.get("skipped_steps", 0))
@@ -439,14 +436,14 @@ class Trainer:
             from acelora.train.checkpoint import set_rng_state
             set_rng_state(state["rng"])
         else:
-            seed_everything(self.method.seed + 1000 * self.step + self.dist.rank)
+            seed_everything(self.cfg.seed + 1000 * self.step + self.dist.rank)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
     # --- epochs ---------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         self.sampler.set_epoch(self.epoch, self.batches_done)
-        g = torch.Generator().manual_seed(self.method.seed * 1009 + self.epoch)
-        return DataLoader(self.train_dataset, batch_size=self.method.batch_size // self.dist.world_size,
+        g = torch.Generator().manual_seed(self.cfg.seed * 1009 + self.epoch)
+        return DataLoader(self.train_dataset, batch_size=self.cfg.batch_size // self.dist.world_size,
                           sampler=self.sampler, collate_fn=self.collate_fn, drop_last=True,
                           num_workers=self.cfg.num_workers, generator=g,
                           pin_memory=self.device.type == "cuda",
@@ -468,8 +465,8 @@ class Trainer:
             atomic_directory(lambda d: _save_weights(self.model, d), directory)
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``cfg.method.epochs`` (or ``cfg.max_steps``); returns a summary dict."""
-        cfg, m = self.cfg, self.method
+        """Train to ``cfg.epochs`` (or ``cfg.max_steps``); returns a summary dict."""
+        cfg = self.cfg
         os.makedirs(self.output_dir, exist_ok=True)
         if cfg.resume:
             path = self.checkpoint_path if cfg.resume == "auto" else cfg.resume
@@ -477,14 +474,14 @@ class Trainer:
                 self.resume(path)
         self.model.train()
         stopped = False
-        while self.epoch < m.epochs and not stopped:
+        while self.epoch < cfg.epochs and not stopped:
             t0 = time.perf_counter()
             loader = self._loader()
             progress = None
             if cfg.progress and self.dist.is_main:
                 from tqdm.auto import tqdm
                 progress = tqdm(total=self.steps_per_epoch, initial=self.batches_done,
-                                desc=f"epoch {self.epoch + 1}/{m.epochs}", leave=False, dynamic_ncols=True)
+                                desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
             for batch in loader:
                 out = self.train_step(batch)
                 self.step += 1
@@ -520,7 +517,7 @@ class Trainer:
                 self._save_best(os.path.join(self.output_dir, "best"))
             if self.dist.is_main:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items())
-                log.info("epoch %d/%d (step %d): %s", self.epoch, m.epochs, self.step, shown)
+                log.info("epoch %d/%d (step %d): %s", self.epoch, cfg.epochs, self.step, shown)
             self.save_checkpoint()
         final = os.path.join(self.output_dir, "adapters")
         if self.dist.is_main:

@@ -19,18 +19,17 @@ VAL_SEED_OFFSET = 7777  # held-out synthetic items come from another seed than t
 
 def build_train_dataset(cfg: TrainConfig, model: nn.Module):
     """The image–text training set of ``cfg.dataset``."""
-    m = cfg.method
     if cfg.dataset == "synthetic":
         from acelora.data.synthetic import SyntheticCXRPairs
         return SyntheticCXRPairs(cfg.synthetic_size, image_size=model.image_size,
-                                 domain=cfg.synthetic_domain, seed=m.seed, cache=True)
+                                 domain=cfg.synthetic_domain, seed=cfg.seed, cache=True)
     if cfg.dataset == "mimic":
         from acelora.data.labels import LabelPolicy
         from acelora.data.mimic import MimicCXRDataset
         from acelora.data.transforms import biomedclip_transform
         return MimicCXRDataset(cfg.data_root, split="train",
                                transform=biomedclip_transform(model.image_size, train=True),
-                               label_policy=LabelPolicy.from_config(m), on_error="skip")
+                               label_policy=LabelPolicy.from_config(cfg.method), on_error="skip")
     if cfg.dataset == "captions":
         from acelora.data.captions import ImageCaptionDataset
         from acelora.data.transforms import biomedclip_transform
@@ -51,7 +50,7 @@ def build_evaluator(cfg: TrainConfig, model: nn.Module) -> tuple[Callable | None
     if kind == "synthetic":
         from acelora.data.synthetic import SyntheticCXRPairs
         val = SyntheticCXRPairs(cfg.val_size, image_size=model.image_size,
-                                domain=cfg.synthetic_domain, seed=cfg.method.seed + VAL_SEED_OFFSET,
+                                domain=cfg.synthetic_domain, seed=cfg.seed + VAL_SEED_OFFSET,
                                 cache=True)
         return (lambda mdl: zero_shot_accuracy(mdl, val)), cfg.val_metric
     from acelora.data.transforms import biomedclip_transform
@@ -99,16 +98,16 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo | None = None) -> dict[st
     owns_group = dist_info is None
     dist_info = dist_info or init_distributed(cfg.device)
     try:
-        seed_everything(cfg.method.seed)  # same initial adapters on every rank
+        seed_everything(cfg.seed)  # same initial adapters on every rank
         model = acelora.create_ace_lora(cfg.model, config=cfg.method, adapters=cfg.adapters,
-                                        device=dist_info.device)
+                                        device=dist_info.device, backend=cfg.backend)
         model.train()
         if dist_info.is_main:
             print(model.trainable_parameter_report(), flush=True)
             os.makedirs(cfg.output_dir, exist_ok=True)
             with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-        seed_everything(cfg.method.seed + dist_info.rank)  # independent dropout per rank
+        seed_everything(cfg.seed + dist_info.rank)  # independent dropout per rank
         train = build_train_dataset(cfg, model)
         evaluate, metric = build_evaluator(cfg, model)
         if metric != cfg.val_metric:

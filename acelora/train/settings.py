@@ -1,8 +1,9 @@
-"""The configuration of one training run: the method (:class:`acelora.ACELoRAConfig`) plus where
-the model, data and outputs are.
+"""The configuration of one training run: the run settings (optimiser, schedule, batch, seed,
+precision, backend, where the model, data and outputs are) plus the method
+(:class:`acelora.ACELoRAConfig`, what defines the adapters and what an adapter folder stores).
 
 A config file (YAML or JSON) is one flat mapping whose keys are either run fields
-(:class:`TrainConfig`) or method fields (:class:`ACELoRAConfig`), e.g.::
+(:class:`TrainConfig`) or method fields (:class:`ACELoRAConfig`, including ``preset``), e.g.::
 
     model: tiny              # "tiny" | "biomedclip" | a local model folder
     preset: paper            # the method preset the method fields start from
@@ -25,26 +26,38 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from acelora.config import PRESETS, ACELoRAConfig, get_config
+from acelora.ops import BACKENDS
 
 DATASETS = ("synthetic", "mimic", "captions")
 VALIDATIONS = ("auto", "none", "synthetic", "chexpert5x200", "nih", "lc25000-lung", "lc25000-colon",
                "mhist")
 NAN_POLICIES = ("skip", "error")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
 class TrainConfig:
-    """Run settings of ``acelora train``; the method's (and the optimiser's) settings are in
-    ``method`` (epochs, batch_size, lr, weight_decay, warmup_steps, grad_accum,
-    grad_checkpointing, precision, seed live there).
+    """Run settings of ``acelora train``; the method's settings (what the adapters are) are in
+    ``method``, and the run's record (``output_dir/config.json``, checkpoints) holds both.
 
-    ``method.batch_size`` is the contrastive batch of one optimizer step over all ranks and all
+    ``batch_size`` is the contrastive batch of one optimizer step over all ranks and all
     accumulation steps; each rank's micro-batch is ``batch_size / (world_size · grad_accum)``.
     """
 
     model: str = "tiny"
     adapters: str | None = None              # start from saved adapters
-    preset: str = "paper"
+    # --- optimisation
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100                  # linear warm-up, then cosine decay
+    grad_accum: int = 1
+    grad_checkpointing: bool = False
+    precision: str = "auto"                  # "auto" (bf16 autocast on a GPU) | "fp32" | "bf16"
+    seed: int = 0
+    backend: str = "auto"                    # the ops' backend: "reference" | "triton" | "cuda" | "auto"
+    # --- data
     dataset: str = "synthetic"
     data_root: str | None = None
     synthetic_size: int = 512                # synthetic training pairs
@@ -83,18 +96,22 @@ class TrainConfig:
             raise ValueError(f"val {self.val!r} needs val_root (the data set's folder)")
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        m = self.method
-        if m.epochs < 1 or m.batch_size < 1 or m.grad_accum < 1:
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"epochs, batch_size and grad_accum must be >= 1, got "
-                             f"{m.epochs}, {m.batch_size}, {m.grad_accum}")
-        if m.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {m.precision!r}")
+                             f"{self.epochs}, {self.batch_size}, {self.grad_accum}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+
+    @property
+    def preset(self) -> str:
+        """The method preset the method fields started from."""
+        return self.method.preset
 
     # --- conversions ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -170,8 +187,7 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConf
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} in {where}; choose from {sorted(PRESETS)}")
     run = {k: v for k, v in values.items() if k in RUN_FIELDS}
-    run["preset"] = preset
-    method_values = {k: v for k, v in values.items() if k in METHOD_FIELDS}
+    method_values = {k: v for k, v in values.items() if k in METHOD_FIELDS and k != "preset"}
     try:
         method = get_config(preset, **method_values)
     except TypeError as exc:

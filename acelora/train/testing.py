@@ -106,9 +106,8 @@ def ddp_grad_worker(rank: int, world_size: int, init_file: str, work_dir: str) -
             model.load_state_dict(case["state"])
             data = ToyPairs(case["n"], seed=case["seed"])
             cfg = TrainConfig(output_dir=os.path.join(work_dir, f"out{rank}"), progress=False,
-                              tensorboard=False,
-                              method=get_config("paper", batch_size=case["n"], grad_accum=case["grad_accum"],
-                                                lr=1e-3, warmup_steps=0, epochs=1))
+                              tensorboard=False, batch_size=case["n"], grad_accum=case["grad_accum"],
+                              lr=1e-3, warmup_steps=0, epochs=1, method=get_config("paper"))
             trainer = Trainer(model, data, cfg,
                               dist_info=DistInfo(rank, world_size, rank, torch.device("cpu")))
             # This rank's share of the global batch: positions rank, rank + W, ... (the sampler's deal).

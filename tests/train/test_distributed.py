@@ -5,7 +5,6 @@ import os
 import torch
 import torch.multiprocessing as mp
 
-from acelora.config import get_config
 from acelora.testing import rel_err
 from acelora.data.collate import ImageTextCollator
 from acelora.train.loop import Trainer
@@ -18,8 +17,7 @@ def _single_process(case, tmp_path):
     model.load_state_dict(case["state"])
     data = ToyPairs(case["n"], seed=case["seed"])
     cfg = TrainConfig(output_dir=str(tmp_path / "single"), progress=False, tensorboard=False,
-                      method=get_config("paper", batch_size=case["n"], grad_accum=1, lr=1e-3,
-                                        warmup_steps=0, epochs=1))
+                      batch_size=case["n"], grad_accum=1, lr=1e-3, warmup_steps=0, epochs=1)
     trainer = Trainer(model, data, cfg)
     loss = trainer.backward(ImageTextCollator(model.tokenizer)([data[i] for i in range(case["n"])]))
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

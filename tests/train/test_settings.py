@@ -22,8 +22,8 @@ def test_yaml_file_and_overrides_precedence(tmp_path):
                                        "--grad-checkpointing"]))
     assert isinstance(cfg, TrainConfig)
     m = cfg.method
-    assert (m.epochs, m.lr, m.batch_size, m.lora_rank, m.hgnn_topk) == (5, 2e-4, 16, 8, 3)
-    assert m.lora_towers == ("text",) and m.grad_checkpointing is True
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, m.lora_rank, m.hgnn_topk) == (5, 2e-4, 16, 8, 3)
+    assert m.lora_towers == ("text",) and cfg.grad_checkpointing is True
     # The preset fills what the file leaves out ("official" keeps text padding as vertices).
     assert cfg.preset == "official" and m.text_padding_as_vertices is True
     assert m.image_cls_attn == "logits"
@@ -39,7 +39,7 @@ def test_json_file_round_trip(tmp_path):
     path.write_text(json.dumps(cfg.to_dict()))
     again = load_train_config(str(path))
     assert again.to_dict() == cfg.to_dict()
-    assert again.max_steps == 7 and again.method.epochs == 2
+    assert again.max_steps == 7 and again.epochs == 2
 
 
 def test_unknown_keys_are_named(tmp_path):
@@ -61,6 +61,7 @@ def test_unknown_keys_are_named(tmp_path):
     ({"lora_scaling": "weird"}, "lora_scaling"),
     ({"precision": "fp16"}, "precision"),
     ({"epochs": 0}, "epochs"),
+    ({"backend": "gpu"}, "backend must be one of"),
     ({"val": "chexpert5x200"}, "needs val_root"),
 ])
 def test_bad_values_give_clear_errors(values, match):
@@ -107,8 +108,20 @@ def test_types_are_coerced_and_checked(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("lr: 1e-4\nepochs: 2.0\ngrad_checkpointing: 'true'\n")
     cfg = load_train_config(str(path))
-    assert cfg.method.lr == pytest.approx(1e-4) and isinstance(cfg.method.lr, float)
-    assert cfg.method.epochs == 2 and isinstance(cfg.method.epochs, int)
-    assert cfg.method.grad_checkpointing is True
+    assert cfg.lr == pytest.approx(1e-4) and isinstance(cfg.lr, float)
+    assert cfg.epochs == 2 and isinstance(cfg.epochs, int)
+    assert cfg.grad_checkpointing is True
     with pytest.raises(ValueError, match="epochs must be a int"):
         config_from_dict({"epochs": "many"})
+
+
+def test_run_fields_live_in_the_run_config_and_the_method_in_method():
+    cfg = config_from_dict({"preset": "official", "lr": 3e-4, "seed": 5, "backend": "reference",
+                            "lora_rank": 2})
+    assert (cfg.lr, cfg.seed, cfg.backend, cfg.method.lora_rank) == (3e-4, 5, "reference", 2)
+    assert cfg.preset == cfg.method.preset == "official"
+    method = cfg.method.to_dict()
+    for run_field in ("lr", "epochs", "batch_size", "seed", "precision", "backend", "extra"):
+        assert run_field not in method
+    flat = cfg.to_dict()  # what the run records (config.json, checkpoints): both halves
+    assert flat["lr"] == 3e-4 and flat["lora_rank"] == 2 and flat["preset"] == "official"

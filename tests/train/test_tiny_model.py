@@ -21,9 +21,9 @@ def data():
     return SyntheticCXRPairs(16, image_size=64, domain=1, seed=3, cache=True)
 
 
-def _trainer(model, data, tmp_path, **method):
+def _trainer(model, data, tmp_path, **run):
     cfg = TrainConfig(output_dir=str(tmp_path), progress=False, tensorboard=False,
-                      method=get_config("paper", batch_size=8, lr=1e-3, warmup_steps=0, epochs=1, **method))
+                      **{**dict(batch_size=8, lr=1e-3, warmup_steps=0, epochs=1), **run})
     return Trainer(model, data, cfg)
 
 
