@@ -136,8 +136,8 @@ class CosineAttention(nn.Module):
                 attn_bias = F.pad(attn_bias, (num_null, 0))
         q = F.normalize(q, dim=-1) * self.q_scale
         k = F.normalize(k, dim=-1) * self.k_scale
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(q.dtype)
+        if attn_bias is not None:  # 4-D: a 3-D mask sends CPU SDPA to its slower math path
+            attn_bias = attn_bias.to(q.dtype).expand(1, *attn_bias.shape[-3:])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
