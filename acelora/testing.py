@@ -60,3 +60,11 @@ def infonce_ddp_worker(rank: int, world_size: int, init_file: str, work_dir: str
         torch.save(results, os.path.join(work_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+# open_clip's native ViT-B-32 schema (QuiltNet's architecture) at toy size, for tests and demos.
+TOY_OPEN_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 48, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}

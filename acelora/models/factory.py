@@ -77,6 +77,20 @@ def _open_clip_model_names() -> tuple[str, ...]:
     return tuple(names)
 
 
+def _open_clip_all_names() -> list[str]:
+    import open_clip
+    return open_clip.list_models()
+
+
+def _why_not(name: str) -> str:
+    import open_clip
+    cfg = open_clip.get_model_config(name)
+    why = open_clip_unsupported(cfg)
+    if why is None and "hf_model_name" in cfg.get("text_cfg", {}):
+        why = "its HuggingFace text tower needs the model's own folder (not available offline)"
+    return why or "its tokenizer is a HuggingFace one, not available offline"
+
+
 def open_clip_model_names() -> list[str]:
     """open_clip's built-in configs that acelora supports offline (native ViT + causal text,
     open_clip's own BPE tokenizer)."""
@@ -141,6 +155,9 @@ def load_model_folder(folder: str | os.PathLike, name: str | None = None):
         raise ValueError(f"{str(config_file)!r} has no 'model_cfg' section")
     if "hf_model_name" in model_cfg.get("text_cfg", {}):
         return _bc.load_model_dir(folder)            # BiomedCLIP-style: BERT text tower
+    why = open_clip_unsupported(model_cfg)
+    if why is not None:
+        raise ValueError(f"model folder {str(folder)!r}: {why}")
     weights = next((folder / n for n in _bc.WEIGHT_FILES if (folder / n).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"model folder {str(folder)!r} is missing: " + " or ".join(_bc.WEIGHT_FILES))
@@ -218,6 +235,9 @@ def create_base_model(name: str = "biomedclip", pretrained: str | os.PathLike | 
         if pretrained is not None:
             raise ValueError("pretrained= is for built-in architectures; a model folder has its weights")
         model, tokenizer, preprocess = load_model_folder(path)
+    elif name in _open_clip_all_names():
+        raise ValueError(f"open_clip model {name!r}: {_why_not(name)}; acelora supports open_clip's "
+                         "ViT configs with a native causal text tower (e.g. ViT-B-32, ViT-L-14)")
     else:
         raise ValueError(f"unknown base model {name!r}: use a built-in name ({', '.join(sorted(_bc.BUILTIN_MODELS))}, "
                          "an open_clip ViT config such as ViT-B-32), a local model folder, or "
