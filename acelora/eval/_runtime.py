@@ -103,6 +103,16 @@ def encode_images(model, images: torch.Tensor, device: torch.device | None = Non
     return F.normalize(emb.float(), dim=-1)
 
 
+@torch.inference_mode()
+def encode_volumes(model, volumes: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """L2-normalised global embeddings [B, D] (float32) of CT volumes [B, 1, D, H, W]."""
+    device = device or model_device(model)
+    if volumes.ndim != 5 or volumes.shape[1] != 1:
+        raise ValueError(f"volumes must be [B, 1, D, H, W], got shape {tuple(volumes.shape)}")
+    emb = model.encode_image(volumes.to(device, non_blocking=True), normalize=True)
+    return F.normalize(emb.float(), dim=-1)
+
+
 # --- batches ------------------------------------------------------------------------------
 
 class _Guarded(Dataset):

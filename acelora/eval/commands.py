@@ -79,6 +79,9 @@ def add_commands(subparsers) -> None:
     _add_run_args(ml)
     ml.set_defaults(func=run_multilabel)
 
+    from acelora.eval.ct_commands import add_ct_rate_command
+    add_ct_rate_command(tasks, _add_model_args, _add_run_args)
+
     seg = tasks.add_parser("segment", help="SIIM segmentation with a decoder on frozen patch tokens (Dice)")
     _add_model_args(seg)
     _add_downstream_args(seg)

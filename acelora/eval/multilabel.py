@@ -61,7 +61,12 @@ class MultiLabelClassifier:
 
     @torch.inference_mode()
     def probs(self, images: torch.Tensor) -> torch.Tensor:
-        image = encode_images(self.model, images)                                         # [B, D]
+        return self.probs_from_embeddings(encode_images(self.model, images))
+
+    @torch.inference_mode()
+    def probs_from_embeddings(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, L] from normalised image embeddings [B, D]: each image (or CT volume) is encoded
+        once for all L findings."""
         logits = self.scale * torch.einsum("bd,lkd->blk", image, self.prompt_emb)        # [B, L, 2]
         return logits.softmax(dim=-1)[..., 0]
 
