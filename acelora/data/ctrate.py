@@ -108,7 +108,10 @@ class _LoadSkips:
 
     def __init__(self):
         self.counts = torch.zeros(MAX_WORKER_ROWS + 1, len(LOAD_REASONS), dtype=torch.int64)
-        self.counts.share_memory_()
+        try:
+            self.counts.share_memory_()
+        except RuntimeError:              # no shared memory here: each process counts its own
+            pass
 
     def add(self, reason: str) -> None:
         info = torch.utils.data.get_worker_info()
@@ -273,8 +276,9 @@ class CTRATEDataset(ImageDataset):
             data = data[..., 0]
         if data.ndim != 3:
             raise VolumeError("wrong rank", f"{path}: expected a 3-D volume, got shape {data.shape}")
-        if self.apply_rescale:
-            data = data * np.float32(slope) + np.float32(intercept)
+        if self.apply_rescale:                   # in place: a chest CT is ~300 MB in float32
+            data *= np.float32(slope)
+            data += np.float32(intercept)
         if not np.isfinite(data).all():
             raise VolumeError("non-finite voxels", f"{path}: the volume holds NaN or inf values")
         return data
