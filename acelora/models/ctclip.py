@@ -209,8 +209,9 @@ def load_ctclip_weights(model: CTCLIP, state: dict[str, torch.Tensor], source: s
 def save_ctclip(model: CTCLIP, path: str | os.PathLike) -> Path:
     """Write the model's state dict in CT-CLIP's key layout (``torch.save``, CPU tensors).
 
-    A model built with ``keep_unused=True`` writes every key CT-CLIP's own ``load_state_dict``
-    expects; without it the unused heads are absent (this module loads either)."""
+    A model built with ``keep_unused=True`` writes every key of CT-CLIP's checkpoints (BERT's
+    ``position_ids`` buffer aside, which transformers >= 4.31 no longer saves); without it the
+    unused heads are absent. This module loads either."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)

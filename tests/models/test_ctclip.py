@@ -283,7 +283,7 @@ def test_input_checks():
 @pytest.mark.slow
 def test_full_size_v2_two_depth_slabs_float64(tmp_path, request):
     """480 x 480 slices, two depth slabs (D = 20), the v2 CTViT and CXR-BERT sizes, float64.
-    Opt-in (minutes, several GB): ``pytest -m slow`` or ``ACELORA_SLOW=1``."""
+    Opt-in (minutes; ~11 GB peak memory): ``pytest -m slow`` or ``ACELORA_SLOW=1``."""
     if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get("ACELORA_SLOW"):
         pytest.skip("opt-in full-size test: run with -m slow or ACELORA_SLOW=1")
     config = CTCLIP_CONFIGS["ct-clip-v2"]
