@@ -98,6 +98,19 @@ def build_wordpiece_tokenizer(vocab: Sequence[str], lowercase: bool = True):
                              cls_token="[CLS]", mask_token="[MASK]")
 
 
+def check_texts(texts: str | Sequence[str]) -> list[str]:
+    """A non-empty list of strings (one string is a batch of one)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to tokenize")
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be strings, got {sorted(set(bad))}")
+    return texts
+
+
 class TextTokenizer:
     """Callable tokenizer of a text tower: texts -> padded ``input_ids`` and ``attention_mask``."""
 
@@ -117,14 +130,7 @@ class TextTokenizer:
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None
                  ) -> dict[str, torch.Tensor]:
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            raise ValueError("no texts to tokenize")
-        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"texts must be strings, got {sorted(set(bad))}")
+        texts = check_texts(texts)
         max_length = int(context_length or self.context_length)
         enc = self.hf_tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
                                 return_tensors="pt", return_token_type_ids=False)
@@ -182,14 +188,7 @@ class OpenCLIPTokenizer:
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None
                  ) -> dict[str, torch.Tensor]:
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            raise ValueError("no texts to tokenize")
-        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"texts must be strings, got {sorted(set(bad))}")
+        texts = check_texts(texts)
         ids = self.tokenizer(texts, context_length=int(context_length or self.context_length)).long()
         eot = ids.argmax(-1)          # EOT has the highest id of the vocabulary
         length = int(eot.max()) + 1
