@@ -20,6 +20,7 @@ from acelora.config import ACELoRAConfig, get_config
 from acelora.models import adapters as _adapters
 from acelora.models.attention_adapters import LoRASpec, inject_attention
 from acelora.models.factory import create_base_model
+from acelora.models.task import ContrastiveTask
 from acelora.models.tower_text import text_tower
 from acelora.models.tower_vit import image_tower
 from acelora.models.towers import PaddingPolicy, TowerOutput
@@ -107,13 +108,9 @@ class CLIPModel(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        image_emb = self.encode_image(images)
-        text_emb = self.encode_text(input_ids, attention_mask)
-        scale = self.logit_scale.exp()
-        if labels is not None:
-            labels = labels.to(image_emb.device)
-        loss = self.loss_fn(image_emb, text_emb, scale, labels)
-        return {"loss": loss, "image_emb": image_emb, "text_emb": text_emb, "logit_scale": scale}
+        """One training step's forward: {"loss", "image_emb", "text_emb", "logit_scale"} (through
+        ``ContrastiveTask``, the one definition of the step)."""
+        return ContrastiveTask(self).step(images, input_ids, attention_mask, labels)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in both towers (open_clip's switch, which the towers read)."""
@@ -212,11 +209,6 @@ class ACELoRAModel(CLIPModel):
         out = self.text_features(input_ids, attention_mask, refine or None)
         tokens = self.refine(self.text_hgnn, out, global_only=False) if refine else out.tokens
         return F.normalize(tokens, dim=-1)
-
-    def forward(self, images, input_ids, attention_mask=None, labels=None):
-        if not self.config.label_guided:
-            labels = None
-        return super().forward(images, input_ids, attention_mask, labels)
 
     # ------------------------------------------------------------------ adapters
     def lora_modules(self) -> list[nn.Module]:
