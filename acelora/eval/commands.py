@@ -32,6 +32,26 @@ def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None
     p.add_argument("--out", required=out_required, metavar="DIR", help="folder for the report files")
 
 
+def _add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """How classes are scored (DESIGN §9); both choices are recorded in the report."""
+    g = p.add_argument_group("class scoring")
+    g.add_argument("--class-embedding", choices=("per-prompt", "token-mean"), default=None,
+                   help="per-prompt: refine each prompt, average; token-mean: average the prompts' "
+                        "tokens and CLS-attention rows, refine once, as the public ACE-LoRA scripts "
+                        "(default: token-mean for the official preset, else per-prompt)")
+    g.add_argument("--logit-scale", choices=("base", "checkpoint"), default=None,
+                   help="the softmax multiplier: the base model's or the checkpoint's learned one "
+                        "(default: base for the official preset, as the public scripts; else checkpoint)")
+
+
+def _scoring(args, model) -> tuple[str, str]:
+    """The class-embedding rule and logit-scale source, checked before any data is read."""
+    from acelora.eval.zeroshot import resolve_class_embedding, resolve_logit_scale
+
+    return (resolve_class_embedding(model, args.class_embedding),
+            resolve_logit_scale(model, args.logit_scale)[0])
+
+
 def _add_downstream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="the dataset folder (official layout)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0],
@@ -63,6 +83,7 @@ def add_commands(subparsers) -> None:
                     "lc25000-*/mhist: the pathology ones)")
     zs.add_argument("--image-col", default="path", help="--dataset csv: image path column")
     zs.add_argument("--label-col", default="label", help="--dataset csv: class column")
+    _add_scoring_args(zs)
     _add_run_args(zs)
     zs.set_defaults(func=run_zeroshot)
 
@@ -100,6 +121,7 @@ def add_commands(subparsers) -> None:
     pr.add_argument("--classes", nargs="+", required=True, help="class names (at least two)")
     pr.add_argument("--templates", nargs="+", help="prompt templates with {c}")
     _add_model_args(pr)
+    _add_scoring_args(pr)
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr.set_defaults(func=run_predict)
@@ -138,6 +160,7 @@ def run_zeroshot(args) -> int:
 
     _setup_logging()
     model = _model(args)
+    rule, scale = _scoring(args, model)
     split = args.split or ZEROSHOT_DEFAULT_SPLIT.get(args.dataset, "test")
     dataset = build_zeroshot_dataset(args.dataset, args.root, dataset_transform(model), split=split,
                                      image_col=args.image_col, label_col=args.label_col,
@@ -147,10 +170,14 @@ def run_zeroshot(args) -> int:
     result = zero_shot_evaluate(model, dataset, classnames=args.classes, templates=args.templates,
                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                 on_error=args.on_error, merge=not args.no_merge, out_dir=args.out,
-                                name=f"zeroshot_{args.dataset}")
-    print(f"zero-shot {args.dataset}: n={result['n']} skipped={result['skipped']}")
+                                name=f"zeroshot_{args.dataset}", class_embedding=rule,
+                                logit_scale=scale)
+    print(f"zero-shot {args.dataset}: n={result['n']} skipped={result['skipped']} "
+          f"(class embedding {rule}, logit scale {scale} = {result['logit_scale']:.4g})")
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
         print(f"  {key:18s} {_fmt(result[key])}")
+    print("  (accuracy is plain; balanced_accuracy = mean per-class recall, what the public "
+          "ACE-LoRA CheXpert script reports as accuracy)")
     print(f"report: {result['files']['json']}")
     return 0
 
@@ -231,8 +258,10 @@ def run_predict(args) -> int:
     from acelora.eval.prompts import DEFAULT_TEMPLATES
 
     model = _model(args)
+    rule, scale = _scoring(args, model)
     results = predict(model, args.images, args.classes, templates=args.templates or DEFAULT_TEMPLATES,
-                      batch_size=args.batch_size, merge=not args.no_merge)
+                      batch_size=args.batch_size, merge=not args.no_merge, class_embedding=rule,
+                      logit_scale=scale)
     print(format_predictions(results, as_json=args.json))
     return 0 if all("probs" in r for r in results) else 1
 

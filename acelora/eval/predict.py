@@ -11,7 +11,8 @@ from acelora.data._common import DataError
 from acelora.data.images import load_image
 from acelora.eval._runtime import inference_model
 from acelora.eval.prompts import DEFAULT_TEMPLATES
-from acelora.eval.zeroshot import ZeroShotClassifier, _check_classnames
+from acelora.eval.zeroshot import (ZeroShotClassifier, _check_classnames, resolve_class_embedding,
+                                   resolve_logit_scale)
 
 logger = logging.getLogger("acelora.eval")
 
@@ -29,12 +30,15 @@ def image_transform(model):
 
 def predict(model, paths: Sequence[str], classnames: Sequence[str],
             templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 16,
-            on_error: str = "skip", merge: bool = True) -> list[dict]:
+            on_error: str = "skip", merge: bool = True, class_embedding: str | None = None,
+            logit_scale: str | None = None) -> list[dict]:
     """Class probabilities of each image in ``paths``.
 
     Returns one ``dict(path, probs {class: p}, prediction)`` per path, in order; a file that cannot
     be read gives ``dict(path, error)`` (``on_error="skip"``) or raises :class:`DataError`
     (``"raise"``). Runs under inference mode with LoRA merged into the frozen weights.
+    ``class_embedding`` and ``logit_scale``: as :class:`~acelora.eval.zeroshot.ZeroShotClassifier`
+    (None: the model preset's defaults).
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -45,6 +49,9 @@ def predict(model, paths: Sequence[str], classnames: Sequence[str],
     classnames = _check_classnames(classnames)
     if len(classnames) < 2:
         raise ValueError(f"zero-shot prediction needs at least two classes, got {classnames}")
+    # Checked before any image is read (a run whose images all fail would not reach the classifier).
+    class_embedding = resolve_class_embedding(model, class_embedding)
+    logit_scale = resolve_logit_scale(model, logit_scale)[0]
     transform = image_transform(model)
     results: list[dict | None] = [None] * len(paths)
     images, where = [], []
@@ -59,7 +66,8 @@ def predict(model, paths: Sequence[str], classnames: Sequence[str],
             results[i] = {"path": str(path), "error": str(exc)}
     device = next(model.parameters()).device
     with inference_model(model, merge=merge), torch.inference_mode():
-        classifier = ZeroShotClassifier(model, classnames, templates) if images else None
+        classifier = ZeroShotClassifier(model, classnames, templates, class_embedding=class_embedding,
+                                        logit_scale=logit_scale) if images else None
         for start in range(0, len(images), batch_size):
             batch = torch.stack(images[start:start + batch_size]).to(device)
             probs = classifier.probs(batch).cpu()

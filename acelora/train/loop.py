@@ -174,8 +174,9 @@ def zero_shot_accuracy(model: nn.Module, dataset, classnames: Sequence[str] | No
     """Zero-shot accuracy and balanced accuracy of ``model`` on ``dataset`` (items with ``image``
     and an int ``label``; class names from ``classnames`` or ``dataset.classes``).
 
-    Class embedding = normalised mean of the normalised embeddings of the class's prompts (one
-    per template), as DESIGN §9. Runs in eval mode without merging LoRA (the weights are left
+    Class embeddings by the evaluation's rule for the model's preset (DESIGN §9: per-prompt, or
+    token-mean for ``official``); only the argmax is used, so the logit scale does not matter.
+    Runs in eval mode without merging LoRA (the weights are left
     bit-for-bit untouched, which exact resume relies on).
     """
     classnames = list(classnames or getattr(dataset, "classes", None) or [])
