@@ -19,11 +19,11 @@ outputs but gather_mm's (stored in the dtype asked for, e.g. the MLP's bf16).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import configs
 
 INT64_LOWEST = tl.constexpr(-9223372036854775807)  # below every packed key (−∞ packs to about −9.19e18)
 
@@ -169,19 +169,7 @@ def _sddmm_kernel(p_ptr, q_ptr, idx_ptr, out_ptr, R, D,
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch wrappers
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _rows_tile(r: int) -> int:
-    return 16 if _interpreted() else (16 if r <= 2048 else 32)
-
-
-def _d_tile(d: int) -> int:
-    return 16 if _interpreted() else min(256, max(32, triton.next_power_of_2(d)))
-
+# Launch wrappers (tiles: kernels/configs.py)
 
 def _check_sparse(w: torch.Tensor | None, idx: torch.Tensor, b: int):
     if idx.dim() != 3 or idx.dtype != torch.int32 or not idx.is_contiguous() or idx.shape[0] != b:
@@ -222,19 +210,14 @@ def topk_incidence(x: torch.Tensor, inv_norm: torch.Tensor, attn: torch.Tensor, 
             raise ValueError(f"mask must be [B, N] with unit stride, got {tuple(mask.shape)}")
     r = rows.shape[1]
     idx = torch.empty(bsz, r, k, device=x.device, dtype=torch.int32)
-    if _interpreted():
-        tiles = dict(BLOCK_R=16, BLOCK_N=16, BLOCK_K=16)
-        extra = {}
-    else:
-        tiles = dict(BLOCK_R=32, BLOCK_N=64, BLOCK_K=32)
-        extra = dict(num_warps=4, num_stages=2)
-    grid = (bsz, triton.cdiv(r, tiles["BLOCK_R"]))
+    launch = configs.hgnn_topk()
+    grid = (bsz, triton.cdiv(r, launch.tiles["BLOCK_R"]))
     mask_arg = mask if mask is not None else rows
     _topk_kernel[grid](x, inv_norm, attn, rows, mask_arg, idx, n, d, r,
                        x.stride(0), x.stride(1), inv_norm.stride(0), attn.stride(0), rows.stride(0),
                        mask_arg.stride(0), idx.stride(0), idx.stride(1),
                        K=k, KPAD=max(2, triton.next_power_of_2(k)), HAS_MASK=mask is not None,
-                       PRECISION="ieee", **tiles, **extra)
+                       PRECISION="ieee", **launch.kwargs())
     return idx
 
 
@@ -260,7 +243,7 @@ def gather_mm(w: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, diag: torch.T
     if diag is not None and r != v.shape[1]:
         raise ValueError(f"diag needs one row per vertex: R={r}, N={v.shape[1]}")
     y = torch.empty(bsz, r, d, device=v.device, dtype=out_dtype)
-    br, bd = _rows_tile(r), _d_tile(d)
+    br, bd = configs.hgnn_rows_tile(r), configs.hgnn_feature_tile(d)
     grid = (bsz, triton.cdiv(r, br), triton.cdiv(d, bd))
     _gather_mm_kernel[grid](w, idx, diag if diag is not None else w, c if c is not None else w, v, y,
                             r, d, w.stride(0), w.stride(1), v.stride(0), v.stride(1),
@@ -290,7 +273,7 @@ def scatter_mm(w: torch.Tensor, idx: torch.Tensor, u: torch.Tensor, n: int,
             raise ValueError(f"out must be a contiguous fp32 [{bsz}, {n}, {d}] tensor, got "
                              f"{out.dtype} {tuple(out.shape)}")
         z = out
-    br, bd = _rows_tile(r), _d_tile(d)
+    br, bd = configs.hgnn_rows_tile(r), configs.hgnn_feature_tile(d)
     grid = (bsz, triton.cdiv(r, br), triton.cdiv(d, bd))
     _scatter_mm_kernel[grid](w, idx, diag if diag is not None else w, c if c is not None else w, u, z,
                              r, d, w.stride(0), w.stride(1), u.stride(0), u.stride(1),
@@ -309,7 +292,7 @@ def sddmm(p: torch.Tensor, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if p.shape[1] != r or q.shape[2] != d:
         raise ValueError(f"P {tuple(p.shape)} / Q {tuple(q.shape)} do not match idx {tuple(idx.shape)}")
     out = torch.empty(bsz, r, k, device=p.device, dtype=torch.float32)
-    br, bd = _rows_tile(r), (16 if _interpreted() else 64)
+    br, bd = configs.hgnn_rows_tile(r), configs.hgnn_sddmm_feature_tile()
     grid = (bsz, triton.cdiv(r, br))
     _sddmm_kernel[grid](p, q, idx, out, r, d, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
                         out.stride(0), out.stride(1), K=k, KPAD=max(2, triton.next_power_of_2(k)),

@@ -21,11 +21,11 @@ kept in base-2 units (exp2/log2); accumulation is fp32 whatever the input dtype.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import configs
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2 e): logits are kept in base-2 units
 
@@ -199,51 +199,18 @@ def _infonce_grad_kernel(a_ptr, b_ptr, ids_ptr, scale_ptr, coef_ptr, lse_a_ptr, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configuration: fixed small tiles in the interpreter, autotuned tiles on a GPU.
+# Launch wrappers: autotuned tiles on a GPU, fixed small ones in the interpreter (kernels/configs.py)
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# The forward's row block is fixed (not tuned) so that the number of column partials is known.
-FWD_BLOCK_M = 128
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-    for bn, bk, w, st in [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (128, 32, 8, 4),
-                          (64, 128, 8, 2), (32, 64, 4, 4), (128, 64, 4, 3)]
-]
-# A column tile must never straddle two chunks (chunks are whole multiples of FWD_BLOCK_M).
-assert all(FWD_BLOCK_M % c.kwargs["BLOCK_N"] == 0 for c in _FWD_CONFIGS)
-_GRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd},
-                  num_warps=w, num_stages=st)
-    for bm, bn, bk, bd, w, st in [(64, 64, 64, 128, 4, 3), (64, 64, 64, 256, 8, 3),
-                                  (128, 64, 64, 128, 8, 3), (128, 64, 64, 256, 8, 2),
-                                  (64, 128, 64, 128, 8, 3), (32, 64, 64, 256, 4, 3),
-                                  (64, 64, 32, 512, 8, 2), (128, 128, 64, 128, 8, 3),
-                                  # BLOCK_D = D: S is recomputed once per tile, not once per D block.
-                                  (32, 64, 64, 512, 4, 2), (32, 64, 32, 512, 4, 2)]
-]
-# Backward column chunks are whole multiples of every BLOCK_M and BLOCK_N in the configs.
-GRAD_GRANULE = 128
-assert all(GRAD_GRANULE % c.kwargs[k] == 0 for c in _GRAD_CONFIGS for k in ("BLOCK_M", "BLOCK_N"))
-# Interpreter tiles: small so that ragged edges are exercised at test sizes.
-INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
+FWD_BLOCK_M = configs.INFONCE_FWD_BLOCK_M
 
 
-
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles wider than the (power-of-two padded) feature dimension: pure waste."""
-    width = max(16, triton.next_power_of_2(named_args["D"]))
-    kept = [c for c in configs if c.kwargs.get("BLOCK_K", 16) <= width
-            and c.kwargs.get("BLOCK_D", 16) <= max(width, 128)]
-    return kept or configs[:1]
+def _autotuned(kernel, candidates):
+    return triton.autotune(candidates, key=["N", "D", "HAS_LABELS", "UPCAST", "PRECISION"],
+                           prune_configs_by={"early_config_prune": configs.infonce_prune})(kernel)
 
 
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["N", "D", "HAS_LABELS", "UPCAST", "PRECISION"],
-                             prune_configs_by={"early_config_prune": _prune})(_infonce_fwd_kernel)
-_grad_tuned = triton.autotune(_GRAD_CONFIGS, key=["N", "D", "HAS_LABELS", "UPCAST", "PRECISION"],
-                              prune_configs_by={"early_config_prune": _prune})(_infonce_grad_kernel)
+_fwd_tuned = _autotuned(_infonce_fwd_kernel, configs.INFONCE_FWD_AUTOTUNE)
+_grad_tuned = _autotuned(_infonce_grad_kernel, configs.INFONCE_GRAD_AUTOTUNE)
 
 
 def _precision(dtype: torch.dtype) -> tuple[bool, str]:
@@ -253,7 +220,7 @@ def _precision(dtype: torch.dtype) -> tuple[bool, str]:
     tensor cores, fp32-level accuracy at a fraction of the FMA path's cost). Half inputs run on
     tensor cores as they are. The interpreter computes in true fp32 (its bf16 arithmetic is wrong).
     """
-    if _interpreted():
+    if configs.interpreted():
         return True, "ieee"
     if dtype == torch.float32:
         return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
@@ -282,8 +249,8 @@ def _column_chunks(n: int, block_m: int, device: torch.device) -> tuple[int, int
     """(number of column chunks, columns per chunk) so that row blocks × chunks fill the GPU
     about twice; chunks are whole row blocks so that each block's diagonal sits in one chunk."""
     num_blocks = triton.cdiv(n, block_m)
-    if _interpreted():
-        want = 3  # exercise the chunked path (2 or 3 chunks) at test sizes
+    if configs.interpreted():
+        want = configs.INFONCE_INTERPRETER_CHUNKS
     else:
         want = triton.cdiv(2 * _num_sms(device), num_blocks)
     want = max(1, min(want, num_blocks))
@@ -300,7 +267,7 @@ def infonce_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     """
     _check(a, b, ids)
     n, d = a.shape
-    block_m = INTERPRETER_TILES["BLOCK_M"] if _interpreted() else FWD_BLOCK_M
+    block_m = configs.infonce_fwd_block_m()
     num_blocks = triton.cdiv(n, block_m)
     num_chunks, chunk = _column_chunks(n, block_m, a.device)
     lse_rows = torch.empty(n, device=a.device, dtype=torch.float32)
@@ -313,12 +280,11 @@ def infonce_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     args = (a, b, ids_arg, scale, diag, row_part, col_part, n, d, a.stride(0), b.stride(0), chunk)
     flags = dict(HAS_LABELS=ids is not None, UPCAST=upcast, PRECISION=precision, BLOCK_M=block_m)
     grid = (num_blocks, num_chunks)
-    if _interpreted():
-        tiles = {k: INTERPRETER_TILES[k] for k in ("BLOCK_N", "BLOCK_K")}
-        _infonce_fwd_kernel[grid](*args, **flags, **tiles)
+    if configs.interpreted():
+        _infonce_fwd_kernel[grid](*args, **flags, **configs.infonce_fwd_interpreter().kwargs())
     else:
         _fwd_tuned[grid](*args, **flags)
-    reduce_block = 16 if _interpreted() else 256
+    reduce_block = configs.infonce_reduce_block()
     for part, lse in ((row_part, lse_rows), (col_part, lse_cols)):
         _lse_reduce_kernel[(triton.cdiv(n, reduce_block),)](part, lse, n, part.shape[0],
                                                             BLOCK=reduce_block)
@@ -336,11 +302,10 @@ def infonce_grad(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, coef: to
     """
     _check(a, b, ids)
     n, d = a.shape
-    if _interpreted():
-        granule = max(INTERPRETER_TILES["BLOCK_M"], INTERPRETER_TILES["BLOCK_N"])
-        want = 3
+    granule = configs.infonce_grad_granule()
+    if configs.interpreted():
+        want = configs.INFONCE_INTERPRETER_CHUNKS
     else:
-        granule = GRAD_GRANULE
         want = triton.cdiv(2 * _num_sms(a.device), triton.cdiv(n, 64))
     num_granules = triton.cdiv(n, granule)
     want = max(1, min(want, num_granules))
@@ -362,10 +327,10 @@ def infonce_grad(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, coef: to
             split_stride, chunk)
     flags = dict(HAS_LABELS=ids is not None, WITH_DSCALE=with_dscale, UPCAST=upcast,
                  PRECISION=precision)
-    if _interpreted():
-        tiles = INTERPRETER_TILES
+    if configs.interpreted():
+        tiles = configs.INFONCE_INTERPRETER.tiles
         grid = (triton.cdiv(n, tiles["BLOCK_M"]), triton.cdiv(d, tiles["BLOCK_D"]), num_chunks)
-        _infonce_grad_kernel[grid](*args, **flags, **tiles)
+        _infonce_grad_kernel[grid](*args, **flags, **configs.INFONCE_INTERPRETER.kwargs())
     else:
         _grad_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]),
                                   num_chunks)](*args, **flags)

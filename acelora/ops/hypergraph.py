@@ -347,9 +347,6 @@ class _SDDMM(torch.autograd.Function):
 
 
 def _triton_prepare(tokens, cls_attn, key_padding_mask):
-    if tokens.dtype not in TRITON_DTYPES:
-        raise TypeError(f"the triton backend takes {[str(d) for d in TRITON_DTYPES]} tokens, got "
-                        f"{tokens.dtype}; use backend='reference'")
     x = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
     attn = _c(cls_attn)
     mask = _c(key_padding_mask) if key_padding_mask is not None else None
@@ -401,7 +398,7 @@ def _triton_impl(tokens, cls_attn, edge_fn, node_fn, topk, key_padding_mask, glo
     return _triton_full(tokens, cls_attn, edge_fn, node_fn, topk, key_padding_mask)
 
 
-register(OP, "triton", _triton_impl)
+register(OP, "triton", _triton_impl, dtypes=TRITON_DTYPES)
 
 
 def hypergraph_conv(tokens: torch.Tensor, cls_attn: torch.Tensor, edge_fn: Callable,
@@ -416,12 +413,11 @@ def hypergraph_conv(tokens: torch.Tensor, cls_attn: torch.Tensor, edge_fn: Calla
         topk: hyperedge size k; at most the number of candidates per row (vertices - 2).
         key_padding_mask: [B, N] bool, True at padding (such positions are not vertices).
         global_only: return only Out[0] ([B, D]) via the rows {0} ∪ top-k(0).
-        backend: "auto" | "reference" | "triton".
+        backend: "auto" | "reference" | "triton" (``TRITON_DTYPES`` tokens); see
+            ``acelora.ops.use_backend``.
     Returns:
         [B, N, D] (padded rows 0) or [B, D].
     """
     check_hypergraph_args(tokens, cls_attn, topk, key_padding_mask)
-    if backend == "auto" and tokens.dtype not in TRITON_DTYPES:
-        backend = "reference"
-    fn = implementation(OP, backend, tokens.device)
+    fn = implementation(OP, backend, tokens.device, tokens.dtype)
     return fn(tokens, cls_attn, edge_fn, node_fn, topk, key_padding_mask, global_only)

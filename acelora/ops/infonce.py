@@ -198,11 +198,8 @@ class _LabelGuidedInfoNCETriton(torch.autograd.Function):
 
 
 def label_guided_infonce_triton(image_emb, text_emb, logit_scale, labels=None) -> torch.Tensor:
-    """Fused Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
-    check_infonce_args(image_emb, text_emb, logit_scale, labels)
-    if image_emb.dtype not in TRITON_DTYPES:
-        raise TypeError(f"the triton backend takes {[str(d) for d in TRITON_DTYPES]} embeddings, "
-                        f"got {image_emb.dtype}; use backend='reference'")
+    """Fused Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); takes
+    ``TRITON_DTYPES`` embeddings (the dispatch checks)."""
     # Only the feature dimension needs unit stride; copy otherwise (gradients flow through).
     if image_emb.stride(-1) != 1:
         image_emb = image_emb.contiguous()
@@ -215,7 +212,7 @@ def label_guided_infonce_triton(image_emb, text_emb, logit_scale, labels=None) -
 
 
 register(OP, "reference", label_guided_infonce_reference)
-register(OP, "triton", label_guided_infonce_triton)
+register(OP, "triton", label_guided_infonce_triton, dtypes=TRITON_DTYPES)
 
 
 def label_guided_infonce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale,
@@ -227,12 +224,11 @@ def label_guided_infonce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_
         logit_scale: the (already exponentiated) multiplier: a float or a scalar tensor, which
             receives a gradient.
         labels: [B, L] multi-hot (float/bool/int), [B] integer ids, or None for the plain CLIP loss.
-        backend: "auto" (Triton for CUDA tensors, the reference on the CPU), "reference" or "triton".
+        backend: "auto" (Triton for CUDA tensors of ``TRITON_DTYPES``, else the reference; see
+            ``acelora.ops.use_backend``), "reference" or "triton".
     Returns:
         A scalar tensor (float32 for half-precision inputs).
     """
     check_infonce_args(image_emb, text_emb, logit_scale, labels)
-    if backend == "auto" and image_emb.dtype not in TRITON_DTYPES:
-        backend = "reference"  # e.g. float64: no fused kernel for it
-    fn = implementation(OP, backend, image_emb.device)
+    fn = implementation(OP, backend, image_emb.device, image_emb.dtype)
     return fn(image_emb, text_emb, logit_scale, labels)

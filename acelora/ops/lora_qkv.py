@@ -184,14 +184,13 @@ def merge_lora_qkv_weight(weight, lora_A, lora_B, scale: float, sign: float = 1.
 
 
 register(OP, "reference", lora_qkv_reference)
-register(OP, "cuda", lora_qkv_compiled)
-_backend.CPU_EXTENSION_OPS.add(OP)   # "cuda" also names the extension's C++ kernels on the CPU
-# Measured on 2 idle CPU threads (fwd+bwd, 394 and 1576 tokens, 768->2304, r=4, fp32): without
-# dropout the C++ op is 5-15% faster than the reference; with dropout 0.1 it is ~10% slower, because
-# it regenerates the three masks in backward instead of keeping three dropped copies of x (3*T*d_in
-# activations saved). "auto" prefers it on the CPU for that memory; backend="reference" trains a
-# little faster on a CPU.
-_backend.AUTO_ORDER_OVERRIDES[(OP, "cpu")] = ("cuda", "reference")
+# "cuda" names the compiled extension, which also has C++ kernels for CPU tensors. Measured on 2
+# idle CPU threads (fwd+bwd, 394 and 1576 tokens, 768->2304, r=4, fp32): without dropout the C++ op
+# is 5-15% faster than the reference; with dropout 0.1 it is ~10% slower, because it regenerates
+# the three masks in backward instead of keeping three dropped copies of x (3*T*d_in activations
+# saved). "auto" prefers it on the CPU for that memory; backend="reference" trains a little faster
+# on a CPU.
+register(OP, "cuda", lora_qkv_compiled, devices=("cuda", "cpu"), auto_devices=("cuda", "cpu"))
 # Load and register eagerly (cheap: libtorch is already loaded) so that traced code never imports.
 for _device_type in ("cpu", "cuda"):
     try:
@@ -216,15 +215,14 @@ def lora_qkv(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0
              training: bool = False, backend: str = "auto") -> torch.Tensor:
     """y = x Wᵀ + b + s·B·drop(A x) for q, k and v at once (see the module docstring)."""
     name = resolve(OP, backend, x.device)
+    requested = backend if backend != "auto" else _backend.current_backend()
     if name == "cuda" and torch.is_grad_enabled() and (
             weight.requires_grad or (bias is not None and bias.requires_grad)):
         # The compiled op keeps W and b frozen; training them needs the reference.
-        if backend == "cuda":
+        if requested == "cuda":
             raise ValueError("backend='cuda' keeps weight and bias frozen but they require grad: freeze "
                              "them (requires_grad_(False)) or use backend='reference'")
         name = "reference"
-    elif name == "reference" and backend == "auto" and "cuda" in _backend.auto_order(OP, x.device.type):
-        ok, _ = _backend.backend_available(OP, "cuda", x.device)
-        if not ok:
-            _warn_fallback(x.device.type)
+    elif name == "reference" and requested == "auto" and "cuda" in _backend.auto_order(OP, x.device.type):
+        _warn_fallback(x.device.type)  # auto prefers the extension here, but it is not built
     return implementation(OP, name, x.device)(x, weight, bias, lora_A, lora_B, scale, dropout_p, training)

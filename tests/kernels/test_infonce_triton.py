@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from acelora.kernels import configs
 from acelora.kernels import infonce as kernels
 from acelora.ops import label_guided_infonce, label_guided_infonce_reference
 from acelora.testing import rel_err
@@ -166,7 +167,7 @@ def test_logit_scale_shape_and_dtype_are_kept():
 def test_gpu_column_chunking_covers_every_column(monkeypatch):
     # The GPU launch plan, checked without a GPU: chunks are whole row blocks, cover [0, N) once,
     # and give about two programs per SM when the row blocks alone are too few.
-    monkeypatch.setattr(kernels, "_interpreted", lambda: False)
+    monkeypatch.setattr(configs, "interpreted", lambda: False)
     monkeypatch.setattr(kernels, "_num_sms", lambda device: 132)
     for n in (1, 100, 1024, 8192, 8193, 65536):
         num_chunks, chunk = kernels._column_chunks(n, kernels.FWD_BLOCK_M, torch.device("cpu"))
