@@ -20,13 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ACE-LoRA: parameter-efficient adaptation of medical vision-language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that area is not part of this build
-                continue
-            raise
-        module.add_commands(sub)
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 

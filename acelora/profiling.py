@@ -97,6 +97,8 @@ def _phase(name: str, nvtx, timer, record: bool) -> Iterator[None]:
 
 def phase(name: str):
     """Context manager marking ``name`` for NVTX, the torch profiler and the active PhaseTimer."""
+    if torch.compiler.is_compiling():  # no Python-side ranges inside a compiled graph
+        return contextlib.nullcontext()
     nvtx = nvtx_backend()
     timer = _active_timers[-1] if _active_timers else None
     record = torch.autograd._profiler_enabled()

@@ -6,7 +6,7 @@ the eager fp32 research-code path vs acelora's defaults vs defaults + torch.comp
     python bench/bench_train_step.py --model tiny --batch 8 --device cpu --steps 5  # CPU smoke
     python -m pytest bench/bench_train_step.py --benchmark-enable                   # pytest-benchmark
 
-A thin wrapper over ``acelora bench`` (acelora/benchmark.py), which owns the cases; results go to
+A thin wrapper over ``acelora bench`` (the acelora.benchmark package), which owns the cases; results go to
 bench/results/train_step-<model>-<device>.json.
 """
 from __future__ import annotations

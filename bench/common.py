@@ -24,7 +24,7 @@ def time_fn(fn: Callable[[], object], warmup: int = 5, iters: int = 30,
     """Median and spread (p10/p90, min) of ``fn()`` in milliseconds."""
     device = torch.device(device if device is not None else "cpu")
     times = sorted(_acelora_bench.time_steps(fn, iters, warmup, device))
-    q = _acelora_bench._quantile
+    q = _acelora_bench.quantile
     return {"median_ms": statistics.median(times), "p10_ms": q(times, 0.1), "p90_ms": q(times, 0.9),
             "min_ms": times[0], "iters": iters, "warmup": warmup}
 

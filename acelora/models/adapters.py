@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from acelora import __version__
 from acelora.config import LEGACY_RUN_FIELDS, PRESETS, ACELoRAConfig
 
 log = logging.getLogger("acelora.models")
@@ -143,10 +145,6 @@ def _matching_preset(fields: dict[str, Any]) -> str:
 def write_adapters(directory: str | os.PathLike, tensors: dict[str, torch.Tensor],
                    config: ACELoRAConfig, fingerprint: dict[str, Any],
                    extra: dict[str, Any] | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    from acelora import __version__
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
@@ -159,7 +157,6 @@ def write_adapters(directory: str | os.PathLike, tensors: dict[str, torch.Tensor
 
 
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
     return load_file(str(Path(directory) / ADAPTER_WEIGHTS_FILE))
 
 

@@ -237,13 +237,9 @@ def build_ctclip(name: str, *, seed: int = 0, keep_unused: bool = False,
 
 
 def _preprocess_for(config: CTCLIPConfig):
-    """The data package's CT preprocessing for this input shape, or None where it is absent."""
-    try:
-        from acelora.data.ct_transforms import CTPreprocess
-    except ModuleNotFoundError as err:
-        if err.name != "acelora.data.ct_transforms":
-            raise
-        return None
+    """The data package's CT preprocessing for this input shape."""
+    from acelora.data.ct_transforms import CTPreprocess
+
     return CTPreprocess(target_spacing=config.spacing, target_shape=config.volume_shape)
 
 

@@ -176,11 +176,9 @@ def builtin_model_names() -> list[str]:
 
 
 def _ct_names() -> list[str]:
-    try:
-        from acelora.models import ctclip
-    except ImportError:  # the CT-CLIP module is optional in this build
-        return []
-    return sorted(getattr(ctclip, "CTCLIP_CONFIGS", {}))
+    from acelora.models import ctclip
+
+    return sorted(ctclip.CTCLIP_CONFIGS)
 
 
 def is_builtin(name: str) -> bool:

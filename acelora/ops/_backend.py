@@ -32,6 +32,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from acelora.ops import _extension
+
 BACKENDS = ("reference", "triton", "cuda", "auto")
 # Which backend "auto" prefers when several apply.
 AUTO_PREFERENCE = ("cuda", "triton", "reference")
@@ -102,8 +104,6 @@ def _triton_missing(device_type: str) -> str:
 
 
 def _extension_missing(device_type: str) -> str:
-    from acelora.ops import _extension
-
     ok = _extension.cuda_ops_available() if device_type == "cuda" else _extension.cpu_ops_available()
     return "" if ok else (_extension.unavailable_reason() or f"the compiled extension has no {device_type} kernels")
 

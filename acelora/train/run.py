@@ -58,10 +58,7 @@ def build_evaluator(cfg: TrainConfig, model: nn.Module) -> tuple[Callable | None
     if kind == "chexpert5x200":
         from acelora.data.classification import CheXpert5x200Dataset
         data = CheXpert5x200Dataset(cfg.val_root, transform=transform)
-        try:
-            from acelora.eval.zeroshot import zero_shot_evaluate
-        except ImportError:
-            return (lambda mdl: zero_shot_accuracy(mdl, data)), cfg.val_metric
+        from acelora.eval.zeroshot import zero_shot_evaluate
 
         def evaluate(mdl):
             # merge=False: merging and unmerging would perturb the frozen weights by rounding.
