@@ -30,6 +30,12 @@ def main_from_args(args: argparse.Namespace, name: str = "bench") -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from acelora.provenance import is_random_init
+
+    if is_random_init(args.model):
+        # Speed does not depend on the weights' values: a benchmark measures random ones by design.
+        print(f"note: --model {args.model} is a built-in architecture without weights: measuring "
+              "speed on random (seeded) weights, by design", flush=True)
     results = main_from_args(args)
     return 0 if any(r["status"] == "ok" for r in results["rows"]) else 1
 

@@ -72,6 +72,7 @@ def run(model: str = "tiny", batches=(64, 256), devices=("auto",), cases=CASES, 
                "settings": {"model": model, "batches": list(batches), "devices": [str(d) for d in devs],
                             "cases": list(cases), "steps": steps, "warmup": warmup,
                             "profile": profile, "preset": "paper",
+                            "random_weights": _random_weights(model),
                             "loadavg_start": load_start, "loadavg_end": loadavg(),
                             "interleaved_training_cases": {str(d): v for d, v in interleaved.items()}},
                "flops_note": FLOPS_NOTE, "peak_flops_table": PEAK_FLOPS, "timing_note": TIMING_NOTE,
@@ -84,3 +85,9 @@ def run(model: str = "tiny", batches=(64, 256), devices=("auto",), cases=CASES, 
         if verbose:
             print(f"\nwrote {results['path']}")
     return results
+
+
+def _random_weights(model) -> bool:
+    from acelora.provenance import is_random_init
+
+    return is_random_init(model)

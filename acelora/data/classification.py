@@ -186,6 +186,12 @@ class CSVClassification(_LabelledImages):
         rows = read_csv(csv, (image_col, label_col))
         self.root = root or os.path.dirname(os.path.abspath(csv))
         values = [row[label_col].strip() for row in rows]
+        if classes is None and values and all(v.lstrip("-").isdigit() for v in values):
+            # Prompts are built from class names: "a chest X-ray image of 0." means nothing.
+            shown = ", ".join(sorted(set(values), key=int)[:6])
+            raise DataError(f"{csv}: the label column {label_col!r} holds integer class ids ({shown}) "
+                            "but no class names were given; pass the names in id order (--classes "
+                            "NAME0 NAME1 ...)")
         self.classes = list(classes) if classes is not None else sorted(set(values))
         index_of = {name: i for i, name in enumerate(self.classes)}
         for line_no, (row, value) in enumerate(zip(rows, values), start=2):

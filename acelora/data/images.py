@@ -67,6 +67,9 @@ def read_dicom(path: str) -> np.ndarray:
         raise DataError(f"{path}: expected a single-frame 2-D image, pixel array has shape "
                         f"{tuple(stored.shape)}")
 
+    # The window is ignored when a VOI LUT is present (the LUT wins), so only check what is used.
+    _check_finite_attributes(ds, path, _SCALING_ATTRIBUTES[:2] if ds.get("VOILUTSequence")
+                             else _SCALING_ATTRIBUTES)
     if ds.get("VOILUTSequence"):
         # The VOI LUT maps stored values directly; its entries span 0 .. 2**bits - 1.
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
@@ -81,7 +84,28 @@ def read_dicom(path: str) -> np.ndarray:
             image = (values - low) / (high - low) if high > low else np.zeros_like(values)
     if photometric == "MONOCHROME1":
         image = 1.0 - image
+    if not np.isfinite(image).all():  # NaN would be cast to black and scored as an image
+        raise DataError(f"{path}: the modality/VOI LUT gives non-finite pixel values; the image "
+                        "is unreadable")
     return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+# Attributes whose values scale the pixels: a NaN/Inf in any of them makes the image unreadable.
+_SCALING_ATTRIBUTES = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+
+
+def _check_finite_attributes(ds, path: str, names) -> None:
+    for name in names:
+        if name not in ds:
+            continue
+        value = ds.data_element(name).value
+        values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        try:
+            bad = [v for v in values if v is not None and v != "" and not np.isfinite(float(v))]
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: {name} {value!r} is not a number; the image is unreadable") from None
+        if bad:
+            raise DataError(f"{path}: {name} is {bad[0]!r} (not finite); the image is unreadable")
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:

@@ -90,7 +90,7 @@ def encode_texts(model, texts: Sequence[str], batch_size: int = 256,
         mask = tokens.get("attention_mask")
         mask = torch.as_tensor(mask, dtype=torch.long, device=device) if mask is not None else None
         out.append(model.encode_text(ids, attention_mask=mask, normalize=True).float())
-    return F.normalize(torch.cat(out), dim=-1)
+    return check_finite_embeddings(F.normalize(torch.cat(out), dim=-1), "text")
 
 
 @torch.inference_mode()
@@ -100,7 +100,17 @@ def encode_images(model, images: torch.Tensor, device: torch.device | None = Non
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
     emb = model.encode_image(images.to(device, non_blocking=True), normalize=True)
-    return F.normalize(emb.float(), dim=-1)
+    return check_finite_embeddings(F.normalize(emb.float(), dim=-1), "image")
+
+
+def check_finite_embeddings(emb: torch.Tensor, what: str) -> torch.Tensor:
+    """``emb``, or FloatingPointError when any value is NaN/Inf: scores computed from such
+    embeddings (argmax of NaN picks class 0) would look like numbers but mean nothing."""
+    if not bool(torch.isfinite(emb).all()):
+        bad = int((~torch.isfinite(emb)).any(-1).sum()) if emb.ndim > 1 else 1
+        raise FloatingPointError(f"the model produced non-finite {what} embeddings ({bad} of "
+                                 f"{emb.shape[0]} rows): its weights have diverged or are damaged")
+    return emb
 
 
 @torch.inference_mode()

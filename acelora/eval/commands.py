@@ -10,26 +10,59 @@ import sys
 from acelora.eval.loading import MULTILABEL_DATASETS, ZEROSHOT_DATASETS, ZEROSHOT_DEFAULT_SPLIT
 
 
+class _DeprecatedAlias(argparse.Action):
+    """A hidden old spelling of an option: stores into the new option's dest, with a note."""
+
+    def __init__(self, *args, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"acelora: note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="biomedclip",
-                   help="base model: tiny | biomedclip | a local model folder (default: biomedclip)")
+    g.add_argument("--model", default="biomedclip", metavar="NAME_OR_DIR",
+                   help="base model: a weights folder, hf-hub:NAME (local Hugging Face cache), or a "
+                        "built-in architecture (biomedclip | tiny: random weights, needs "
+                        "--random-weights); default biomedclip")
+    g.add_argument("--random-weights", action="store_true",
+                   help="allow a built-in architecture without weights (randomly initialised, "
+                        "seeded): for tests only, its outputs mean nothing")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--adapters", metavar="DIR", help="folder of saved ACE-LoRA adapters")
+    src.add_argument("--adapters", metavar="DIR", help="folder of saved ACE-LoRA adapters "
+                     "(default: the base model alone)")
     src.add_argument("--official", metavar="CKPT", help="the released ACE_LoRA.pt checkpoint")
-    g.add_argument("--config", default=None,
-                   help="preset (paper | official) for --official or a fresh ACE-LoRA model")
-    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    g.add_argument("--preset", dest="config", default=None, choices=("paper", "official"),
+                   metavar="{paper,official}",
+                   help="method preset for --official or a fresh ACE-LoRA model (default: the "
+                        "adapters' own; --official: official)")
+    g.add_argument("--config", dest="config", action=_DeprecatedAlias, new="--preset",
+                   help=argparse.SUPPRESS)
+    g.add_argument("--device", default=None, metavar="DEVICE",
+                   help="cpu | cuda | cuda:N (default: cuda when available)")
     g.add_argument("--no-merge", action="store_true",
                    help="keep LoRA as a side branch instead of folding it into the weights")
 
 
+def _add_data_root(p: argparse.ArgumentParser, help: str) -> None:
+    """``--data-root`` (the name ``acelora train`` uses); ``--root`` is a hidden old spelling."""
+    p.add_argument("--data-root", dest="root", metavar="DIR", default=None, help=help + " (required)")
+    p.add_argument("--root", dest="root", action=_DeprecatedAlias, new="--data-root",
+                   help=argparse.SUPPRESS)
+
+
 def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="images per forward pass (default 64)")
+    p.add_argument("--num-workers", type=int, default=0, metavar="N",
+                   help="data loader worker processes (default 0)")
     p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                    help="unreadable images: count and skip (default) or stop")
-    p.add_argument("--out", required=out_required, metavar="DIR", help="folder for the report files")
+    p.add_argument("--out", "--output-dir", dest="out", required=out_required, metavar="DIR",
+                   help="folder for the report files (checked writable before the evaluation)")
 
 
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
@@ -53,15 +86,16 @@ def _scoring(args, model) -> tuple[str, str]:
 
 
 def _add_downstream_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", required=True, help="the dataset folder (official layout)")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0],
+    _add_data_root(p, "the dataset folder (official layout)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="F",
                    help="fractions of the training split to train the head on (default 0.01 0.1 1)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--min-steps", type=int, default=100,
-                   help="train each head for at least this many optimizer steps")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--head-batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=20, metavar="N", help="head epochs (default 20)")
+    p.add_argument("--min-steps", type=int, default=100, metavar="N",
+                   help="train each head for at least this many optimizer steps (default 100)")
+    p.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="head learning rate (default 0.001)")
+    p.add_argument("--head-batch-size", type=int, default=16, metavar="N",
+                   help="head training batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed (default 0)")
 
 
 def add_commands(subparsers) -> None:
@@ -72,9 +106,9 @@ def add_commands(subparsers) -> None:
 
     zs = tasks.add_parser("zeroshot", help="zero-shot classification (accuracy, balanced acc., F1, AUROC)")
     _add_model_args(zs)
-    zs.add_argument("--dataset", required=True, choices=ZEROSHOT_DATASETS)
-    zs.add_argument("--root", required=True,
-                    help="dataset folder (or the CSV file for --dataset csv / chexpert5x200)")
+    zs.add_argument("--dataset", required=True, choices=ZEROSHOT_DATASETS,
+                    help="the data set's layout (its protocol's classes and prompts by default)")
+    _add_data_root(zs, "dataset folder (or the CSV file for --dataset csv / chexpert5x200)")
     zs.add_argument("--split", default=None, help="rsna/siim: train | valid | test | all; "
                     "mhist: train | test | all; lc25000-*: all | train | test (default: test; "
                     "lc25000-*: all)")
@@ -89,8 +123,9 @@ def add_commands(subparsers) -> None:
 
     ml = tasks.add_parser("multilabel", help="per-finding positive/negative prompts (AUROC, acc., F1)")
     _add_model_args(ml)
-    ml.add_argument("--dataset", required=True, choices=MULTILABEL_DATASETS)
-    ml.add_argument("--root", required=True, help="NIH folder, or the CSV file for --dataset csv")
+    ml.add_argument("--dataset", required=True, choices=MULTILABEL_DATASETS,
+                    help="nih: the ChestX-ray14 layout; csv: image column + one column per finding")
+    _add_data_root(ml, "NIH folder, or the CSV file for --dataset csv")
     ml.add_argument("--split", default="test", help="nih split: test | train_val | all")
     ml.add_argument("--classes", nargs="+",
                     help="finding names (csv: the columns to use; default every other column)")
@@ -122,8 +157,10 @@ def add_commands(subparsers) -> None:
     pr.add_argument("--templates", nargs="+", help="prompt templates with {c}")
     _add_model_args(pr)
     _add_scoring_args(pr)
-    pr.add_argument("--batch-size", type=int, default=16)
-    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pr.add_argument("--batch-size", type=int, default=16, metavar="N",
+                    help="images per forward pass (default 16)")
+    pr.add_argument("--json", action="store_true",
+                    help="print JSON (predictions and provenance) instead of a table")
     pr.set_defaults(func=run_predict)
 
 
@@ -138,10 +175,38 @@ def _device(args):
 
 
 def _model(args):
+    """The model the arguments name, after the checks that need no model (device, weights
+    present or --random-weights, output folder writable); its provenance goes to
+    ``args.provenance`` for the report."""
+    from acelora import provenance
+    from acelora.errors import UserError, check_device
     from acelora.eval.loading import load_model
+    from acelora.outputs import check_writable
 
-    return load_model(args.model, adapters=args.adapters, official=args.official,
-                      config=args.config, device=_device(args))
+    check_device(args.device)
+    if hasattr(args, "root") and not args.root:
+        raise UserError("--data-root is required: the dataset's folder (or CSV file)")
+    if getattr(args, "out", None):
+        check_writable(args.out, "--out")
+    random_weights = provenance.check_random_weights(args.model, None, args.random_weights)
+    model = load_model(args.model, adapters=args.adapters, official=args.official,
+                       config=args.config, device=_device(args), random_weights=random_weights)
+    if random_weights:
+        print(f"acelora: note: --model {args.model} with --random-weights: random (seeded) "
+              "weights, the results mean nothing", file=sys.stderr)
+    args.provenance = provenance.collect(model, args.model, adapters=args.adapters,
+                                         official=args.official, random_weights=random_weights)
+    return model
+
+
+def _record_provenance(args, result: dict) -> None:
+    """The model's provenance into the JSON report the evaluation wrote."""
+    from acelora.provenance import add_to_report
+
+    path = (result.get("files") or {}).get("json")
+    if path and getattr(args, "provenance", None):
+        add_to_report(path, args.provenance)
+        result["provenance"] = args.provenance
 
 
 def _fmt(value) -> str:
@@ -178,6 +243,7 @@ def run_zeroshot(args) -> int:
         print(f"  {key:18s} {_fmt(result[key])}")
     print("  (accuracy is plain; balanced_accuracy = mean per-class recall, what the public "
           "ACE-LoRA CheXpert script reports as accuracy)")
+    _record_provenance(args, result)
     print(f"report: {result['files']['json']}")
     return 0
 
@@ -204,6 +270,7 @@ def run_multilabel(args) -> int:
         print(f"  {name:32s} auroc {_fmt(row['auroc'])}  acc {_fmt(row['accuracy'])}  f1 {_fmt(row['f1'])}")
     print(f"  {'mean':32s} auroc {_fmt(result['mean_auroc'])}  acc {_fmt(result['mean_accuracy'])}  "
           f"f1 {_fmt(result['macro_f1'])}")
+    _record_provenance(args, result)
     print(f"report: {result['files']['json']}")
     return 0
 
@@ -241,6 +308,7 @@ def _downstream(args, task: str) -> int:
         print("  note: the test split holds no positive mask; Dice counts empty-vs-empty as 1")
     for key, row in result["fractions"].items():
         print(f"  {key:>5s} of train ({row['n_train']:5d} images): {metric} {_fmt(row[metric])}")
+    _record_provenance(args, result)
     print(f"report: {result['files']['json']}")
     return 0
 
@@ -262,7 +330,11 @@ def run_predict(args) -> int:
     results = predict(model, args.images, args.classes, templates=args.templates or DEFAULT_TEMPLATES,
                       batch_size=args.batch_size, merge=not args.no_merge, class_embedding=rule,
                       logit_scale=scale)
-    print(format_predictions(results, as_json=args.json))
+    if args.json:
+        print(json.dumps({"predictions": results, "class_embedding": rule, "logit_scale_source": scale,
+                          "provenance": args.provenance}, indent=2))
+    else:
+        print(format_predictions(results))
     return 0 if all("probs" in r for r in results) else 1
 
 

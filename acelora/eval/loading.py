@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from acelora.weight_files import check_model_files, check_weight_file  # noqa: F401
+
 ZEROSHOT_DATASETS = ("chexpert5x200", "rsna", "siim", "csv", "folder", "lc25000-lung",
                      "lc25000-colon", "mhist")
 # The split each zero-shot set is evaluated on unless told (LC25000 has no official split).
@@ -12,16 +14,22 @@ MULTILABEL_DATASETS = ("nih", "csv")
 
 
 def load_model(model: str = "tiny", adapters: str | None = None, official: str | None = None,
-               config=None, device=None):
+               config=None, device=None, random_weights: bool | None = None):
     """The model to evaluate: the base model (``model`` only), the ACE-LoRA model with saved
     ``adapters`` (a folder written by ``save_adapters``), or with the released checkpoint
     ``official`` (``ACE_LoRA.pt``, imported into adapters with the ``official`` preset).
 
     ``model``: ``"tiny"``, ``"biomedclip"`` or a local model folder. ``config``: a preset name or
     an :class:`~acelora.config.ACELoRAConfig` (adapters: default what the folder says).
+
+    ``random_weights``: a built-in architecture has no weights; the command line refuses it
+    unless asked (True) and passes False; None (the Python API) warns once per process.
     """
     import acelora
+    from acelora.provenance import check_random_weights
 
+    check_random_weights(model, None, random_weights)
+    check_model_files(model, adapters=adapters, official=official)
     if adapters and official:
         raise ValueError("give either adapters (a folder of saved adapters) or official (the "
                          "released ACE_LoRA.pt), not both")

@@ -6,9 +6,7 @@ class only; it is then reported as NaN (``None`` in JSON) instead of failing the
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from typing import Sequence
 
@@ -262,10 +260,10 @@ def json_safe(value):
 
 
 def write_json(path: str, report: dict) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(json_safe(report), f, indent=2)
-    return path
+    """The report as JSON, written atomically (temp file + rename, mode 0644)."""
+    from acelora.outputs import atomic_write_json
+
+    return atomic_write_json(path, json_safe(report), indent=2)
 
 
 def _pyplot():

@@ -99,6 +99,26 @@ class LabelGuidedInfoNCELoss(nn.Module):
         super().__init__()
         self.gather = gather
         self.backend = backend
+        # Batches whose label vectors were all identical: label-guided masking then removes every
+        # negative (loss 0, no gradient). Counted on the device without a host sync; a trainer
+        # reads it once per epoch (identical_label_batches) and warns.
+        self.register_buffer("identical_labels_count", torch.zeros((), dtype=torch.long),
+                             persistent=False)
+
+    def identical_label_batches(self, reset: bool = True) -> int:
+        """How many batches so far had identical labels for every pair (one host read)."""
+        count = int(self.identical_labels_count.item())
+        if reset:
+            self.identical_labels_count.zero_()
+        return count
+
+    def _count_identical_labels(self, labels: torch.Tensor) -> None:
+        if labels.shape[0] < 2:
+            return
+        same = (labels == labels[:1]).all()
+        if self.identical_labels_count.device != same.device:
+            self.identical_labels_count = self.identical_labels_count.to(same.device)
+        self.identical_labels_count.add_(same.to(torch.long))
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,6 +130,8 @@ class LabelGuidedInfoNCELoss(nn.Module):
                 raise ValueError(f"labels have {labels.shape[0]} rows but the batch has "
                                  f"{image_emb.shape[0]}")
             image_emb, text_emb, labels = gather_features(image_emb, text_emb, labels)
+        if labels is not None:
+            self._count_identical_labels(labels)
         return label_guided_infonce(image_emb, text_emb, logit_scale, labels, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -22,12 +22,6 @@ from torch import nn
 CHECKPOINT_VERSION = 1
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 # --- RNG --------------------------------------------------------------------------------------
 
 def rng_state() -> dict[str, Any]:
@@ -63,46 +57,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --- files ------------------------------------------------------------------------------------
 
 def atomic_torch_save(obj: Any, path: str) -> str:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace`` onto it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    """``torch.save`` to a temporary file beside ``path``, fsync, mode 0644, then ``os.replace``
+    onto it (a full disk is an error naming ``path``)."""
+    from acelora.outputs import atomic_write
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_directory(write, path: str) -> str:
     """Call ``write(tmp_dir)`` then swap the folder into place at ``path``.
 
     A reader sees either the old complete folder or the new complete one; a crash inside
-    ``write`` leaves ``path`` untouched.
+    ``write`` leaves ``path`` untouched. Files get mode 0644, folders 0755; a full disk is an
+    error naming ``path``.
     """
+    from acelora.outputs import DIR_MODE, FILE_MODE, _raise_named
+
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=parent)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        _raise_named(exc, path)
+    try:
         write(tmp)
+        for root, dirs, files in os.walk(tmp):
+            os.chmod(root, DIR_MODE)
+            for name in files:
+                os.chmod(os.path.join(root, name), FILE_MODE)
         old = None
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", suffix=".old", dir=parent)
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".old", dir=parent)
             os.rmdir(old)
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            _raise_named(exc, path)
         raise
     return path
 

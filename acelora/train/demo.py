@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 
 from acelora.config import get_config
+from acelora.outputs import atomic_write_json
 from acelora.train.loop import Trainer, seed_everything, zero_shot_accuracy
 from acelora.train.settings import TrainConfig
 
@@ -57,10 +57,37 @@ def _say(text: str, verbose: bool) -> None:
         print(text, flush=True)
 
 
-def run_demo(output_dir: str = "acelora-demo", quick: bool = False, seed: int = 0,
+FULL_OUTPUT_DIR = "acelora-demo"
+QUICK_OUTPUT_DIR = "acelora-demo-quick"   # --quick never replaces the full demo's results
+DEMO_ENTRIES = ("generalist", "ace-lora", "demo_summary.json")
+
+
+def run_demo(output_dir: str | None = None, quick: bool = False, seed: int = 0,
              device: str = "cpu", plan: DemoPlan | None = None, verbose: bool = True,
-             progress: bool = True, tensorboard: bool = True) -> dict[str, Any]:
-    """Run the demo; returns accuracies before/after, parameter counts and output paths."""
+             progress: bool = True, tensorboard: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Run the demo; returns accuracies before/after, parameter counts and output paths.
+
+    ``output_dir`` defaults to acelora-demo (acelora-demo-quick with ``quick``). The folder is
+    locked while the demo runs; a previous demo in it is replaced, anything else is refused
+    unless ``overwrite``."""
+    from acelora.errors import UserError
+    from acelora.outputs import RunFolderLock
+
+    output_dir = output_dir or (QUICK_OUTPUT_DIR if quick else FULL_OUTPUT_DIR)
+    with RunFolderLock(output_dir):
+        other = sorted(e for e in os.listdir(output_dir)
+                       if not e.startswith(".") and e not in DEMO_ENTRIES)
+        if other and not overwrite:
+            raise UserError(f"output folder {output_dir!r} holds files that are not a demo's "
+                            f"({', '.join(other[:5])}); choose another --output-dir or pass "
+                            "--overwrite")
+        if any(os.path.exists(os.path.join(output_dir, e)) for e in DEMO_ENTRIES):
+            _say(f"replacing the previous demo in {output_dir}", verbose)
+        return _run_demo(output_dir, quick, seed, device, plan, verbose, progress, tensorboard)
+
+
+def _run_demo(output_dir: str, quick: bool, seed: int, device: str, plan: DemoPlan | None,
+              verbose: bool, progress: bool, tensorboard: bool) -> dict[str, Any]:
     import acelora
     from acelora.data.synthetic import SyntheticCXRPairs
     from acelora.models import save_base_model
@@ -86,7 +113,8 @@ def run_demo(output_dir: str = "acelora-demo", quick: bool = False, seed: int = 
         tensorboard=tensorboard, log_every=5, lr=plan.pretrain_lr, weight_decay=0.05,
         epochs=plan.pretrain_epochs, batch_size=plan.pretrain_batch, warmup_steps=10, seed=seed,
         precision="fp32", method=get_config("paper", label_guided=False))
-    gen_summary = Trainer(base, pre_train, cfg1, evaluate=lambda m: zero_shot_accuracy(m, val0)).fit()
+    gen_summary = Trainer(base, pre_train, cfg1, evaluate=lambda m: zero_shot_accuracy(m, val0),
+                          overwrite=True).fit()
     model_dir = os.path.join(gen_dir, "model")
     save_base_model(base.base, base.tokenizer, model_dir)
 
@@ -115,7 +143,8 @@ def run_demo(output_dir: str = "acelora-demo", quick: bool = False, seed: int = 
         progress=progress, tensorboard=tensorboard, log_every=5, lr=plan.adapt_lr, weight_decay=0.01,
         epochs=plan.adapt_epochs, batch_size=plan.adapt_batch, warmup_steps=5, seed=seed,
         precision="fp32", method=get_config("paper"))
-    ace_summary = Trainer(model, adapt, cfg2, evaluate=lambda m: zero_shot_accuracy(m, val1)).fit()
+    ace_summary = Trainer(model, adapt, cfg2, evaluate=lambda m: zero_shot_accuracy(m, val1),
+                          overwrite=True).fit()
     if ace_summary["best"]:
         model.load_adapters(ace_summary["best"])
 
@@ -133,8 +162,7 @@ def run_demo(output_dir: str = "acelora-demo", quick: bool = False, seed: int = 
         "plots": [gen_summary["plot"], ace_summary["plot"]],
         "plan": dataclasses.asdict(plan), "seed": seed, "seconds": elapsed,
     }
-    with open(os.path.join(output_dir, "demo_summary.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_json(os.path.join(output_dir, "demo_summary.json"), result, indent=2)
     _say("[3/3] zero-shot accuracy on held-out shifted-domain images "
          f"({len(test1)} images, {len(test1.classes)} classes):\n"
          f"      before adaptation (generalist): {before['accuracy']:.3f} "

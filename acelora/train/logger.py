@@ -38,6 +38,20 @@ class MetricLogger:
             except ImportError as exc:  # tensorboard is optional
                 log.warning("TensorBoard logging disabled (%s); CSV logs and plots are still written", exc)
 
+    def resume_at(self, step: int, epoch: int) -> None:
+        """Continue the logs of a run resumed at ``step`` / ``epoch``: rows written after that
+        checkpoint (the work a crash lost, which the resumed run repeats) are dropped, so no
+        step or epoch appears twice; TensorBoard purges its events past ``step`` likewise."""
+        if not self.enabled:
+            return
+        _truncate_csv(self.steps_csv, "step", step)
+        _truncate_csv(self.epochs_csv, "epoch", epoch)
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            log_dir = self.writer.log_dir
+            self.writer.close()
+            self.writer = SummaryWriter(log_dir, purge_step=step + 1)
+
     # --- rows -----------------------------------------------------------------------------
     @staticmethod
     def _append(path: str, row: dict[str, Any]) -> None:
@@ -124,6 +138,35 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _truncate_csv(path: str, key: str, last: int) -> None:
+    """Keep the rows of ``path`` whose ``key`` is at most ``last`` (rewritten atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        rows = list(reader)
+    kept = [r for r in rows if _as_int(r.get(key)) is None or _as_int(r.get(key)) <= last]
+    if len(kept) == len(rows):
+        return
+    import io
+
+    from acelora.outputs import atomic_write_text
+
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=fields)
+    w.writeheader()
+    w.writerows(kept)
+    atomic_write_text(path, out.getvalue())
+
+
+def _as_int(value) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
 
 
 def _read_csv(path: str) -> list[dict[str, str]]:

@@ -30,11 +30,13 @@ from torch.utils.data import DataLoader, Sampler
 
 from acelora.data.collate import ImageTextCollator
 from acelora.eval.prompts import DEFAULT_TEMPLATES
+from acelora.eval._runtime import check_finite_embeddings
 from acelora.eval.zeroshot import class_embeddings
 from acelora.nn.loss import LabelGuidedInfoNCELoss
 from acelora.train.checkpoint import atomic_directory, load_checkpoint, save_checkpoint
 from acelora.train.distributed import DistInfo, all_reduce_mean, barrier
 from acelora.train.logger import MetricLogger
+from acelora.train.run_folder import claim_run_folder, write_run_record
 from acelora.train.optim import build_optimizer, build_scheduler, trainable_named_parameters
 from acelora.train.settings import TrainConfig
 
@@ -186,12 +188,13 @@ def zero_shot_accuracy(model: nn.Module, dataset, classnames: Sequence[str] | No
     was_training = model.training
     model.eval()
     try:
-        class_emb = class_embeddings(model, classnames, templates)
+        class_emb = check_finite_embeddings(class_embeddings(model, classnames, templates), "text")
         preds, targets = [], []
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
             images = torch.stack([it["image"] for it in items]).to(device)
             emb = F.normalize(model.encode_image(images, normalize=True).float(), dim=-1)
+            check_finite_embeddings(emb, "image")
             preds.append((emb @ class_emb.T).argmax(-1).cpu())
             targets.append(torch.tensor([int(it["label"]) for it in items]))
         pred, target = torch.cat(preds), torch.cat(targets)
@@ -229,7 +232,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_dataset, cfg: TrainConfig,
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-                 dist_info: DistInfo | None = None, collate_fn: Callable | None = None):
+                 dist_info: DistInfo | None = None, collate_fn: Callable | None = None,
+                 *, overwrite: bool = False, allow_config_change: bool = False,
+                 provenance: dict[str, Any] | None = None):
         self.model = model
         self.cfg = cfg
         self.method = cfg.method
@@ -277,8 +282,14 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._epoch_loss_sum = 0.0
         self._epoch_loss_count = 0
-        self.logger = MetricLogger(os.path.join(self.output_dir, "logs"), tensorboard=cfg.tensorboard,
-                                   enabled=self.dist.is_main)
+        self._epoch_skipped = 0        # skipped (non-finite) steps of the current epoch
+        self.overwrite = overwrite                       # replace an earlier run in output_dir
+        self.allow_config_change = allow_config_change   # resume with changed settings
+        self.provenance = provenance                     # recorded in config.json
+        self._warned_identical_labels = False
+        self._last_save = time.monotonic()
+        # Opened by fit() once the run folder is claimed (nothing is written before that).
+        self.logger = MetricLogger(os.path.join(self.output_dir, "logs"), enabled=False)
 
     # --- one optimizer step ---------------------------------------------------------------
     def _forward(self, mb: dict):
@@ -397,19 +408,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.skipped_steps += 1
+        self._epoch_skipped += 1
         log.warning("non-finite %s (%s) at %s: step skipped (%d so far)", what, value, where,
                     self.skipped_steps)
         if self.skipped_steps > self.cfg.max_nan_skips:
             raise FloatingPointError(
-                f"{self.skipped_steps} steps had a non-finite loss or gradient (max_nan_skips="
-                f"{self.cfg.max_nan_skips}); training diverged. Lower lr or use precision 'fp32'.")
+                f"training diverged: {self.skipped_steps} steps had a non-finite loss or gradient "
+                f"(more than max_nan_skips={self.cfg.max_nan_skips}), the last at {where}. "
+                f"{self._last_good()} Lower lr (now {self.cfg.lr}), set clip_grad_norm or use "
+                "precision fp32, then --resume auto --allow-config-change.")
+
+    def _last_good(self) -> str:
+        if os.path.exists(self.checkpoint_path):
+            return f"The last checkpoint, {self.checkpoint_path}, predates the divergence."
+        return "No checkpoint was written."
 
     # --- state ----------------------------------------------------------------------------
     def _state_extra(self) -> dict:
         return {"batches_done": self.batches_done, "skipped_steps": self.skipped_steps,
                 "best_metric": self.best_metric, "best_epoch": self.best_epoch,
                 "epoch_loss_sum": self._epoch_loss_sum, "epoch_loss_count": self._epoch_loss_count,
-                "world_size": self.dist.world_size}
+                "epoch_skipped": self._epoch_skipped, "world_size": self.dist.world_size,
+                "frozen_weights_sha256": self._frozen_hash(), "train_items": len(self.train_dataset)}
 
     def save_checkpoint(self, path: str | None = None) -> str | None:
         path = path or self.checkpoint_path
@@ -417,28 +437,57 @@ class Trainer:
             save_checkpoint(path, self.model, self.optimizer, self.scheduler, step=self.step,
                             epoch=self.epoch, config=self.cfg.to_dict(), extra=self._state_extra())
         barrier()
+        self._last_save = time.monotonic()
         return path
 
-    def resume(self, path: str) -> None:
-        """Continue exactly where the checkpoint at ``path`` left off."""
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=False)
+    def resume(self, path: str) -> dict[str, dict]:
+        """Continue exactly where the checkpoint at ``path`` left off.
+
+        Settings that change the result must match the checkpoint's (see
+        :mod:`acelora.train.consistency`); with ``allow_config_change`` the new ones apply.
+        Returns the applied changes ``{name: {"checkpoint": old, "now": new}}``."""
+        from acelora.train import checkpoint as ckpt
+        from acelora.train.consistency import apply_optimizer_settings, check_resume, resume_changes
+
+        state = load_checkpoint(path, restore_rng=False)   # read and checked, nothing applied yet
         extra = state["extra"]
-        if state["config"].get("batch_size", self.cfg.batch_size) != self.cfg.batch_size:
-            raise ValueError(f"checkpoint {path!r} was trained with batch_size "
-                             f"{state['config']['batch_size']}, this run uses {self.cfg.batch_size}")
+        changes = resume_changes(state["config"], extra, self.cfg.to_dict(), self._frozen_hash(),
+                                 len(self.train_dataset))
+        check_resume(path, changes, self.allow_config_change)
+        ckpt.load_trainable_state_dict(self.model, state["model"])
+        if state["optimizer"] is None:
+            raise ValueError(f"checkpoint {path!r} holds no optimizer state")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if changes:
+            apply_optimizer_settings(self.optimizer, self.scheduler, self.cfg.lr, self.cfg.weight_decay)
+            log.warning("resuming %s with changed settings (--allow-config-change): %s", path,
+                        "; ".join(f"{k} {v['checkpoint']!r} -> {v['now']!r}" for k, v in changes.items()))
         self.step, self.epoch = state["step"], state["epoch"]
-        self.batches_done = int(extra.get("batches_done", 0))
+        self.batches_done = min(int(extra.get("batches_done", 0)), self.steps_per_epoch)
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         self.best_metric, self.best_epoch = extra.get("best_metric"), extra.get("best_epoch")
         self._epoch_loss_sum = float(extra.get("epoch_loss_sum", 0.0))
         self._epoch_loss_count = int(extra.get("epoch_loss_count", 0))
-        # Same world size: every rank continues its own random stream; otherwise re-seed.
-        if extra.get("world_size", 1) == self.dist.world_size and self.dist.world_size == 1:
+        self._epoch_skipped = int(extra.get("epoch_skipped", 0))
+        # Same world size: every rank continues its own random stream; otherwise (or with a new
+        # seed) re-seed.
+        if extra.get("world_size", 1) == self.dist.world_size and self.dist.world_size == 1 \
+                and "seed" not in changes:
             from acelora.train.checkpoint import set_rng_state
             set_rng_state(state["rng"])
         else:
             seed_everything(self.cfg.seed + 1000 * self.step + self.dist.rank)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+        return changes
+
+    def _frozen_hash(self) -> str:
+        """Hash of the frozen weights (computed once: they do not change)."""
+        if getattr(self, "_frozen_sha256", None) is None:
+            from acelora.train.consistency import frozen_weights_sha256
+            self._frozen_sha256 = frozen_weights_sha256(self.model)
+        return self._frozen_sha256
 
     # --- epochs ---------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
@@ -457,7 +506,11 @@ class Trainer:
         if self.dist.is_main:
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):  # validation never shifts training randomness
-                metrics = {k: float(v) for k, v in self.evaluate(self.model).items()}
+                try:
+                    metrics = {k: float(v) for k, v in self.evaluate(self.model).items()}
+                except FloatingPointError as exc:  # NaN embeddings: no score, not a best epoch
+                    log.warning("epoch %d: validation impossible: %s", self.epoch, exc)
+                    metrics = {self.cfg.val_metric: float("nan")}
         barrier()
         return metrics
 
@@ -466,14 +519,52 @@ class Trainer:
             atomic_directory(lambda d: _save_weights(self.model, d), directory)
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``cfg.epochs`` (or ``cfg.max_steps``); returns a summary dict."""
+        """Train to ``cfg.epochs`` (or ``cfg.max_steps``); returns a summary dict.
+
+        The main process first claims ``output_dir`` (a lock held until the end; an earlier run
+        there is resumed, replaced with ``overwrite``, or refused)."""
+        lock, error = None, None
+        if self.dist.is_main:
+            try:
+                lock = claim_run_folder(self.output_dir, self.cfg.resume, self.overwrite)
+            except BaseException as exc:  # every rank must learn of it, not wait forever
+                error = exc
+        if not _all_ranks_ok(error is None, self.device):
+            if error is not None:
+                raise error
+            raise RuntimeError("the main process could not claim the output folder")
+        try:
+            return self._fit()
+        finally:
+            self.logger.close()
+            if lock is not None:
+                lock.release()
+
+    def _start(self) -> None:
+        """Resume (or say that there is nothing to resume), open the logs, write config.json."""
         cfg = self.cfg
-        os.makedirs(self.output_dir, exist_ok=True)
+        resumed_from, changed = None, {}
         if cfg.resume:
             path = self.checkpoint_path if cfg.resume == "auto" else cfg.resume
             if cfg.resume != "auto" or os.path.exists(path):
-                self.resume(path)
+                changed = self.resume(path) or {}
+                resumed_from = path
+            elif self.dist.is_main:
+                log.info("--resume auto: no checkpoint at %s; starting a fresh run", path)
+        self.logger = MetricLogger(os.path.join(self.output_dir, "logs"), tensorboard=cfg.tensorboard,
+                                   enabled=self.dist.is_main)
+        if resumed_from:
+            self.logger.resume_at(self.step, self.epoch)
+        if self.dist.is_main:
+            event = ({"event": "resume", "from": os.path.abspath(resumed_from), "step": self.step,
+                      "epoch": self.epoch, "changed": changed} if resumed_from else {"event": "start"})
+            write_run_record(self.output_dir, cfg.to_dict(), self.provenance, event)
+
+    def _fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self._start()
         self.model.train()
+        self._last_save = time.monotonic()
         stopped = False
         while self.epoch < cfg.epochs and not stopped:
             t0 = time.perf_counter()
@@ -498,37 +589,129 @@ class Trainer:
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     stopped = True
                     break
+                if self.batches_done < self.steps_per_epoch and self._periodic_save_due():
+                    self._save_if_finite()
             if progress is not None:
                 progress.close()
             if self.batches_done < self.steps_per_epoch:  # stopped inside an epoch
+                self._check_finite(f"at step {self.step}")
                 self.save_checkpoint()
                 break
-            mean_loss = all_reduce_mean(self._epoch_loss_sum / max(1, self._epoch_loss_count), self.device)
-            self.epoch += 1
-            self.batches_done = 0
-            self._epoch_loss_sum, self._epoch_loss_count = 0.0, 0
-            metrics = self._validate()
-            record = {"loss": mean_loss, **metrics, "epoch_time_s": time.perf_counter() - t0,
-                      "skipped_steps": float(self.skipped_steps)}
-            self.history.append({"epoch": self.epoch, "step": self.step, **record})
-            self.logger.log_epoch(self.epoch, self.step, record)
-            score = metrics.get(cfg.val_metric)
-            if score is not None and (self.best_metric is None or score > self.best_metric):
-                self.best_metric, self.best_epoch = score, self.epoch
-                self._save_best(os.path.join(self.output_dir, "best"))
-            if self.dist.is_main:
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items())
-                log.info("epoch %d/%d (step %d): %s", self.epoch, cfg.epochs, self.step, shown)
-            self.save_checkpoint()
+            self._end_epoch(t0)
         final = os.path.join(self.output_dir, "adapters")
         if self.dist.is_main:
             atomic_directory(lambda d: _save_weights(self.model, d), final)
         barrier()
         self.logger.plot()
-        self.logger.close()
         return {"steps": self.step, "epochs": self.epoch, "skipped_steps": self.skipped_steps,
                 "best_metric": self.best_metric, "best_epoch": self.best_epoch,
                 "history": self.history, "output_dir": self.output_dir,
                 "checkpoint": self.checkpoint_path, "adapters": final,
                 "best": os.path.join(self.output_dir, "best") if self.best_epoch else None,
                 "logs": self.logger.log_dir, "plot": self.logger.plot_path}
+
+    def _end_epoch(self, t0: float) -> None:
+        """Mean loss, validation, best/ and the checkpoint of the epoch just finished. A
+        non-finite epoch (every step skipped, or a non-finite validation score) is logged with
+        NaN and never becomes best/; non-finite trainable parameters stop the run."""
+        cfg = self.cfg
+        counted, skipped = self._epoch_loss_count, self._epoch_skipped
+        # Skips are decided on the global loss and gradient, so every rank agrees on `counted`.
+        mean_loss = (all_reduce_mean(self._epoch_loss_sum / counted, self.device) if counted
+                     else float("nan"))
+        finite = self._params_finite()
+        self.epoch += 1
+        self.batches_done = 0
+        self._epoch_loss_sum, self._epoch_loss_count, self._epoch_skipped = 0.0, 0, 0
+        self._warn_identical_labels()
+        if not finite or not counted:
+            metrics = {cfg.val_metric: float("nan")} if self.evaluate is not None else {}
+            if counted == 0 and self.dist.is_main:
+                log.warning("epoch %d: all %d steps were skipped (non-finite loss or gradient); its "
+                            "loss is logged as NaN and it is not validated", self.epoch, skipped)
+        else:
+            metrics = self._validate()
+        record = {"loss": mean_loss, **metrics, "epoch_time_s": time.perf_counter() - t0,
+                  "skipped_steps": float(self.skipped_steps)}
+        self.history.append({"epoch": self.epoch, "step": self.step, **record})
+        self.logger.log_epoch(self.epoch, self.step, record)
+        if not finite:
+            raise FloatingPointError(
+                f"training diverged in epoch {self.epoch}: the trainable parameters are no longer "
+                f"finite, so nothing of this epoch was saved. {self._last_good()} Lower lr (now "
+                f"{cfg.lr}), set clip_grad_norm or use precision fp32, then --resume auto "
+                "--allow-config-change.")
+        score = metrics.get(cfg.val_metric)
+        if score is not None and not math.isfinite(score):
+            if counted and self.dist.is_main:
+                log.warning("epoch %d: validation %s is %s; the epoch cannot become best/",
+                            self.epoch, cfg.val_metric, score)
+            score = None
+        if score is not None and (self.best_metric is None or score > self.best_metric):
+            self.best_metric, self.best_epoch = score, self.epoch
+            self._save_best(os.path.join(self.output_dir, "best"))
+        if self.dist.is_main:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items())
+            log.info("epoch %d/%d (step %d): %s", self.epoch, cfg.epochs, self.step, shown)
+        self.save_checkpoint()
+
+    # --- guards ---------------------------------------------------------------------------
+    def _params_finite(self) -> bool:
+        """Whether every trainable parameter is finite (one device->host read)."""
+        if not self.params:
+            return True
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())
+
+    def _check_finite(self, where: str) -> None:
+        if not self._params_finite():
+            raise FloatingPointError(
+                f"training diverged {where}: the trainable parameters are no longer finite. "
+                f"{self._last_good()} Lower lr (now {self.cfg.lr}), set clip_grad_norm or use "
+                "precision fp32.")
+
+    def _warn_identical_labels(self) -> None:
+        count = self.loss_fn.identical_label_batches()
+        if count and not self._warned_identical_labels and self.dist.is_main:
+            self._warned_identical_labels = True
+            log.warning(
+                "%d batch(es) of epoch %d had the same label vector for every pair: label-guided "
+                "masking removed every negative, so they gave loss 0 and no gradient. Check the "
+                "labels (a constant label column?) or set label_guided: false.", count, self.epoch)
+
+    def _periodic_save_due(self) -> bool:
+        """--save-every-steps / --save-every-minutes (the main process's clock decides)."""
+        cfg = self.cfg
+        due = bool(cfg.save_every_steps) and self.step % cfg.save_every_steps == 0
+        if cfg.save_every_minutes:
+            late = time.monotonic() - self._last_save >= 60.0 * cfg.save_every_minutes
+            if self.dist.distributed:
+                late = _broadcast_flag(late, self.device)
+            due = due or late
+        return due
+
+    def _save_if_finite(self) -> None:
+        if self._params_finite():
+            self.save_checkpoint()
+        elif self.dist.is_main:
+            log.warning("step %d: the trainable parameters are not finite; the checkpoint is not "
+                        "updated", self.step)
+
+
+def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    """True when ``ok`` holds on every rank (a no-op without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank."""
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())

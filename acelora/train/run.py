@@ -1,7 +1,6 @@
 """``acelora train``: model, data and validation from a :class:`TrainConfig`, then the loop."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Callable
@@ -9,7 +8,8 @@ from typing import Any, Callable
 from torch import nn
 
 from acelora.train.distributed import DistInfo, cleanup_distributed, init_distributed
-from acelora.train.loop import Trainer, seed_everything, zero_shot_accuracy
+from acelora.train.loop import Trainer, _all_ranks_ok, seed_everything, zero_shot_accuracy
+from acelora.train.run_folder import claim_run_folder
 from acelora.train.settings import TrainConfig
 
 log = logging.getLogger("acelora.train")
@@ -88,8 +88,13 @@ def build_evaluator(cfg: TrainConfig, model: nn.Module) -> tuple[Callable | None
     raise ValueError(f"unknown validation {kind!r}")
 
 
-def run_training(cfg: TrainConfig, dist_info: DistInfo | None = None) -> dict[str, Any]:
-    """Build everything ``cfg`` names and train; returns the loop's summary."""
+def run_training(cfg: TrainConfig, dist_info: DistInfo | None = None, *, overwrite: bool = False,
+                 allow_config_change: bool = False) -> dict[str, Any]:
+    """Build everything ``cfg`` names and train; returns the loop's summary.
+
+    Before any slow work: a built-in architecture without weights is refused unless
+    ``cfg.random_weights``; weight files are checked for truncation; the main process claims
+    ``cfg.output_dir`` (lock, writability, an earlier run resumed/replaced/refused)."""
     import acelora
 
     owns_group = dist_info is None
@@ -97,19 +102,36 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo | None = None) -> dict[st
     try:
         seed_everything(cfg.seed)  # same initial adapters on every rank
         model = acelora.create_ace_lora(cfg.model, config=cfg.method, adapters=cfg.adapters,
+    from acelora import provenance
+    from acelora.weight_files import check_model_files
                                         device=dist_info.device, backend=cfg.backend)
+    random_weights = provenance.check_random_weights(cfg.model, None, cfg.random_weights)
+    check_model_files(cfg.model, adapters=cfg.adapters)
         model.train()
         if dist_info.is_main:
+    lock, error = None, None
             print(model.trainable_parameter_report(), flush=True)
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+        if dist_info.is_main:
+            try:
+                lock = claim_run_folder(cfg.output_dir, cfg.resume, overwrite)
+            except BaseException as exc:
+                error = exc
+        if not _all_ranks_ok(error is None, dist_info.device):
+            if error is not None:
+                raise error
+            raise RuntimeError("the main process could not claim the output folder")
+            record = provenance.collect(model, cfg.model, adapters=cfg.adapters, preset=cfg.preset,
+                                        random_weights=random_weights)
         seed_everything(cfg.seed + dist_info.rank)  # independent dropout per rank
+        record = None
         train = build_train_dataset(cfg, model)
         evaluate, metric = build_evaluator(cfg, model)
         if metric != cfg.val_metric:
             cfg = cfg.replace(val_metric=metric)
-        trainer = Trainer(model, train, cfg, evaluate=evaluate, dist_info=dist_info)
+        # The folder is claimed (and, with overwrite, emptied) already: the trainer re-enters
+        # the same lock.
+        trainer = Trainer(model, train, cfg, evaluate=evaluate, dist_info=dist_info,
+                          allow_config_change=allow_config_change, provenance=record)
         summary = trainer.fit()
         summary["model"] = model
         return summary
@@ -120,6 +142,8 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo | None = None) -> dict[st
 
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"trained {summary['steps']} step(s), {summary['epochs']} epoch(s); "
+        if lock is not None:
+            lock.release()
              f"skipped (non-finite) steps: {summary['skipped_steps']}"]
     if summary.get("best_epoch"):
         lines.append(f"best validation {summary['best_metric']:.4f} at epoch {summary['best_epoch']}"

@@ -80,6 +80,9 @@ class TrainConfig:
     max_nan_skips: int = 20                  # more skipped steps than this is an error
     tensorboard: bool = True
     progress: bool = True
+    random_weights: bool = False             # a built-in architecture without weights, on purpose
+    save_every_steps: int | None = None      # also checkpoint every N optimizer steps
+    save_every_minutes: float | None = None  # also checkpoint every M minutes
     find_unused_parameters: bool = False
     method: ACELoRAConfig = field(default_factory=ACELoRAConfig)
 
@@ -112,6 +115,10 @@ class TrainConfig:
     def preset(self) -> str:
         """The method preset the method fields started from."""
         return self.method.preset
+        if self.save_every_steps is not None and self.save_every_steps < 1:
+            raise ValueError(f"save_every_steps must be >= 1 or null, got {self.save_every_steps}")
+        if self.save_every_minutes is not None and not self.save_every_minutes > 0:
+            raise ValueError(f"save_every_minutes must be > 0 or null, got {self.save_every_minutes}")
 
     # --- conversions ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -166,12 +173,18 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise TypeError
             return int(value)
-        if key in ("max_steps", "clip_grad_norm") and isinstance(value, str) and value:
-            return float(value) if key == "clip_grad_norm" else int(value)
+        if key in ("max_steps", "clip_grad_norm", "save_every_steps", "save_every_minutes") \
+                and isinstance(value, (str, int, float)) and not isinstance(value, bool) and value != "":
+            if key in ("clip_grad_norm", "save_every_minutes"):
+                return float(value)
+            if float(value) != int(float(value)):
+                raise TypeError
+            return int(float(value))
         if key == "lora_towers" and isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {key} must be a {type(default).__name__}, got {value!r}") from None
+        kind = type(default).__name__ if default is not None else "number or null"
+        raise ValueError(f"{where}: {key} must be a {kind}, got {value!r}") from None
     return value
 
 
@@ -259,13 +272,19 @@ def parse_set_overrides(items: list[str] | None) -> dict[str, Any]:
 
 def load_train_config(path: str | None = None, preset: str | None = None,
                       overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Preset < config file < ``overrides`` (``preset`` given here wins over the file's)."""
+    """Preset < config file < ``overrides`` (``preset`` given here wins over the file's).
+
+    A run's ``config.json`` is a valid config file: its record keys (provenance, history) are
+    left out."""
+    from acelora.train.run_folder import RECORD_KEYS
+
     values = read_config_file(path) if path else {}
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(RUN_FIELDS) - set(METHOD_FIELDS)
     if unknown:
         raise _unknown_key_error(unknown, "the command-line overrides")
     if path:
+    values = {k: v for k, v in values.items() if k not in RECORD_KEYS}
         unknown = set(values) - set(RUN_FIELDS) - set(METHOD_FIELDS)
         if unknown:
             raise _unknown_key_error(unknown, repr(path))

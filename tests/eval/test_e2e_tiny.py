@@ -1,6 +1,7 @@
 """End to end on the tiny model and the synthetic official-format data sets, through the CLI."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from acelora.eval.loading import build_zeroshot_dataset, dataset_transform, load
 from acelora.eval.predict import predict
 from acelora.eval.zeroshot import zero_shot_evaluate
 from acelora.testing import rel_err
+
+TINY = ["--model", "tiny", "--random-weights"]   # the built-in tiny architecture, seeded weights
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def _check_classification(report, n):
 
 
 def test_zeroshot_cli_base_and_adapters(chexpert, base_dir, adapters, tmp_path, capsys):
-    assert main(["eval", "zeroshot", "--model", "tiny", "--dataset", "chexpert5x200", "--root", chexpert,
+    assert main(["eval", "zeroshot", *TINY, "--dataset", "chexpert5x200", "--data-root", chexpert,
                  "--out", str(tmp_path / "base"), "--batch-size", "8"]) == 0
     base = _read(tmp_path / "base" / "zeroshot_chexpert5x200.json")
     _check_classification(base, 20)
@@ -67,7 +70,7 @@ def test_zeroshot_cli_base_and_adapters(chexpert, base_dir, adapters, tmp_path, 
     assert "accuracy" in capsys.readouterr().out
 
     assert main(["eval", "zeroshot", "--model", base_dir, "--adapters", adapters, "--dataset",
-                 "chexpert5x200", "--root", chexpert, "--out", str(tmp_path / "ada"),
+                 "chexpert5x200", "--data-root", chexpert, "--out", str(tmp_path / "ada"),
                  "--classes", "atelectasis", "cardiomegaly", "consolidation", "edema", "effusion",
                  "--templates", "{c}", "there is {c}"]) == 0
     ada = _read(tmp_path / "ada" / "zeroshot_chexpert5x200.json")
@@ -94,9 +97,14 @@ def test_merged_equals_unmerged_and_skips_lora(chexpert, base_dir, adapters, mon
 
 
 def test_mismatched_adapters_refused(tmp_path, adapters):
-    torch.manual_seed(123)                                    # another random tiny base
+    from acelora.models import create_base_model, save_base_model
+
+    model, tokenizer, _ = create_base_model("tiny")
+    with torch.no_grad():
+        model.visual.trunk.patch_embed.proj.weight.add_(0.5)      # another tiny base
+    other = save_base_model(model, tokenizer, str(tmp_path / "other"))
     with pytest.raises(ValueError, match="do not match"):
-        load_model("tiny", adapters=adapters)
+        load_model(str(other), adapters=adapters)
     with pytest.raises(FileNotFoundError, match="adapter folder"):
         load_model("tiny", adapters=str(tmp_path / "nope"))
 
@@ -120,8 +128,8 @@ def _official_checkpoint(path, seed=0):
 def test_zeroshot_official_checkpoint(chexpert, tmp_path):
     ckpt = tmp_path / "ACE_LoRA.pt"
     _official_checkpoint(ckpt)
-    assert main(["eval", "zeroshot", "--model", "tiny", "--official", str(ckpt), "--dataset",
-                 "chexpert5x200", "--root", chexpert, "--out", str(tmp_path / "off"),
+    assert main(["eval", "zeroshot", *TINY, "--official", str(ckpt), "--dataset",
+                 "chexpert5x200", "--data-root", chexpert, "--out", str(tmp_path / "off"),
                  "--logit-scale", "checkpoint"]) == 0      # the official default is the base's
     report = _read(tmp_path / "off" / "zeroshot_chexpert5x200.json")
     _check_classification(report, 20)
@@ -132,7 +140,7 @@ def test_zeroshot_rsna_siim_binary(tmp_path):
     synthetic.write_rsna(str(tmp_path / "rsna"), n=16, seed=2, image_size=64)
     synthetic.write_siim(str(tmp_path / "siim"), n=12, seed=3, image_size=64)
     for name, classes in (("rsna", ["No Finding", "pneumonia"]), ("siim", ["No Finding", "pneumothorax"])):
-        assert main(["eval", "zeroshot", "--model", "tiny", "--dataset", name, "--root",
+        assert main(["eval", "zeroshot", *TINY, "--dataset", name, "--data-root",
                      str(tmp_path / name), "--split", "all", "--out", str(tmp_path / f"out_{name}")]) == 0
         report = _read(tmp_path / f"out_{name}" / f"zeroshot_{name}.json")
         assert report["classnames"] == classes
@@ -157,18 +165,18 @@ def test_zeroshot_folder_and_csv_and_multilabel_csv(tmp_path):
     with open(tmp_path / "multi.csv", "w") as f:
         f.write("\n".join(",".join(r) for r in ml_rows))
 
-    assert main(["eval", "zeroshot", "--model", "tiny", "--dataset", "folder", "--root", str(tmp_path / "folder"),
+    assert main(["eval", "zeroshot", *TINY, "--dataset", "folder", "--data-root", str(tmp_path / "folder"),
                  "--out", str(tmp_path / "o1")]) == 0
     report = _read(tmp_path / "o1" / "zeroshot_folder.json")
     assert report["classnames"] == ["edema", "normal"] and report["n"] == 8
     # csv: --classes names the classes *and* fixes their order
-    assert main(["eval", "zeroshot", "--model", "tiny", "--dataset", "csv", "--root", str(tmp_path / "labels.csv"),
+    assert main(["eval", "zeroshot", *TINY, "--dataset", "csv", "--data-root", str(tmp_path / "labels.csv"),
                  "--label-col", "diagnosis", "--image-col", "file", "--classes", "normal", "edema",
                  "--out", str(tmp_path / "o2")]) == 0
     report = _read(tmp_path / "o2" / "zeroshot_csv.json")
     assert report["classnames"] == ["normal", "edema"]
     assert report["per_class"]["normal"]["support"] == 4
-    assert main(["eval", "multilabel", "--model", "tiny", "--dataset", "csv", "--root", str(tmp_path / "multi.csv"),
+    assert main(["eval", "multilabel", *TINY, "--dataset", "csv", "--data-root", str(tmp_path / "multi.csv"),
                  "--out", str(tmp_path / "o3")]) == 0
     report = _read(tmp_path / "o3" / "multilabel_csv.json")
     assert report["findings"] == ["Edema", "Pleural Effusion"]
@@ -177,7 +185,7 @@ def test_zeroshot_folder_and_csv_and_multilabel_csv(tmp_path):
 
 def test_multilabel_cli_nih(tmp_path):
     synthetic.write_nih(str(tmp_path / "nih"), n=24, seed=4)
-    assert main(["eval", "multilabel", "--model", "tiny", "--dataset", "nih", "--root", str(tmp_path / "nih"),
+    assert main(["eval", "multilabel", *TINY, "--dataset", "nih", "--data-root", str(tmp_path / "nih"),
                  "--split", "all", "--out", str(tmp_path / "out")]) == 0
     report = _read(tmp_path / "out" / "multilabel_nih.json")
     assert report["n"] == 24 and len(report["per_finding"]) == 14
@@ -211,8 +219,9 @@ def test_predict_png_dicom_and_bad_file(tmp_path, base_dir, adapters, capsys):
     assert main(["predict", dcm, str(png), "--model", base_dir, "--adapters", adapters,
                  "--classes", "No Finding", "pneumonia", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out[0]["prediction"] in ("No Finding", "pneumonia")
-    assert main(["predict", str(bad), "--model", "tiny", "--classes", "a", "b"]) == 1
+    assert out["predictions"][0]["prediction"] in ("No Finding", "pneumonia")
+    assert out["provenance"]["adapters"]["path"] == os.path.abspath(adapters)
+    assert main(["predict", str(bad), *TINY, "--classes", "a", "b"]) == 1
     assert "skipped" in capsys.readouterr().out
 
 
@@ -221,7 +230,7 @@ def test_downstream_cli(task, tmp_path):
     name = "siim" if task == "segment" else "rsna"
     writer = synthetic.write_siim if task == "segment" else synthetic.write_rsna
     writer(str(tmp_path / name), n=30, seed=6, image_size=64)
-    assert main(["eval", task, "--model", "tiny", "--root", str(tmp_path / name), "--fractions", "0.1", "1",
+    assert main(["eval", task, *TINY, "--data-root", str(tmp_path / name), "--fractions", "0.1", "1",
                  "--epochs", "2", "--min-steps", "5", "--out", str(tmp_path / "out")]) == 0
     report = _read(tmp_path / "out" / f"{task}_{name}.json")
     assert set(report["fractions"]) == {"10%", "100%"}
@@ -233,7 +242,7 @@ def test_downstream_cli(task, tmp_path):
         assert all(row["dice"] is not None for row in report["fractions"].values())
 
 
-def test_unreadable_and_missing_images_counted(tmp_path):
+def test_unreadable_and_missing_images_counted(tmp_path, capsys):
     import shutil
 
     root = tmp_path / "cx"
@@ -241,22 +250,22 @@ def test_unreadable_and_missing_images_counted(tmp_path):
     paths = sorted(info["rows"])
     (root / paths[0]).write_bytes(b"corrupt jpeg")                # fails to decode at load time
     os.remove(root / paths[1])                                     # missing: left out when indexing
-    assert main(["eval", "zeroshot", "--model", "tiny", "--dataset", "chexpert5x200", "--root", str(root),
+    assert main(["eval", "zeroshot", *TINY, "--dataset", "chexpert5x200", "--data-root", str(root),
                  "--out", str(tmp_path / "out")]) == 0
     report = _read(tmp_path / "out" / "zeroshot_chexpert5x200.json")
     assert report["n"] == 13 and report["skipped"] == 2          # no image counted twice
     assert any(paths[0].split("/")[-2] in e for e in report["skipped_examples"])
-    with pytest.raises(Exception, match="corrupt|cannot read|not found"):
-        main(["eval", "zeroshot", "--model", "tiny", "--dataset", "chexpert5x200", "--root", str(root),
-              "--out", str(tmp_path / "out2"), "--on-error", "raise"])
+    assert main(["eval", "zeroshot", *TINY, "--dataset", "chexpert5x200",
+                 "--data-root", str(root), "--out", str(tmp_path / "out2"), "--on-error", "raise"]) == 2
+    assert re.search("corrupt|cannot read|not found", capsys.readouterr().err)
     shutil.rmtree(root)
 
 
-def test_cli_bad_input(tmp_path, chexpert):
+def test_cli_bad_input(tmp_path, chexpert, capsys):
     with pytest.raises(SystemExit):
-        main(["eval", "zeroshot", "--model", "tiny", "--dataset", "nope", "--root", chexpert, "--out", "x"])
+        main(["eval", "zeroshot", *TINY, "--dataset", "nope", "--data-root", chexpert, "--out", "x"])
     with pytest.raises(SystemExit):
         main(["predict", "x.png", "--model", "tiny"])           # --classes is required
-    with pytest.raises(Exception, match="not found|not a directory|does not exist"):
-        main(["eval", "zeroshot", "--model", "tiny", "--dataset", "rsna", "--root", str(tmp_path / "none"),
-              "--out", str(tmp_path / "o")])
+    assert main(["eval", "zeroshot", *TINY, "--dataset", "rsna",
+                 "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert re.search("not found|not a directory|does not exist", capsys.readouterr().err)

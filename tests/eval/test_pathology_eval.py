@@ -25,8 +25,9 @@ def mhist(tmp_path_factory):
 
 
 def _zeroshot(dataset, root, out, *extra):
-    assert main(["eval", "zeroshot", "--model", "tiny", "--device", "cpu", "--dataset", dataset,
-                 "--root", root, "--out", str(out), "--batch-size", "8", *extra]) == 0
+    assert main(["eval", "zeroshot", "--model", "tiny", "--random-weights", "--device", "cpu",
+                 "--dataset", dataset, "--data-root", root, "--out", str(out), "--batch-size", "8",
+                 *extra]) == 0
     with open(out / f"zeroshot_{dataset}.json") as f:
         return json.load(f)
 

@@ -46,7 +46,7 @@ def test_train_on_caption_csv_with_mhist_validation(tmp_path, capsys):
     captions = write_caption_csv(str(tmp_path / "captions"), n=24, seed=1, image_size=32)
     mhist = write_mhist(str(tmp_path / "mhist"), n=10, seed=2, image_size=32)
     out = tmp_path / "run"
-    rc = main(["train", "--config", str(EXAMPLE), "--model", "tiny", "--device", "cpu",
+    rc = main(["train", "--config", str(EXAMPLE), "--model", "tiny", "--random-weights", "--device", "cpu",
                "--data-root", captions["csv"], "--val-root", mhist["root"],
                "--set", "image_column=image", "--set", "label_columns=label",
                "--output-dir", str(out), "--epochs", "1", "--batch-size", "8",

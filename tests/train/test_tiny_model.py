@@ -70,7 +70,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(data, tmp_path):
 def test_acelora_train_command(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"model: tiny\ndataset: synthetic\nsynthetic_size: 16\nval_size: 8\n"
+    cfg.write_text(f"model: tiny\nrandom_weights: true\ndataset: synthetic\nsynthetic_size: 16\nval_size: 8\n"
                    f"output_dir: {out}\nbatch_size: 8\nwarmup_steps: 1\nseed: 5\n")
     rc = main(["train", "--config", str(cfg), "--epochs", "1", "--lr", "1e-3", "--no-progress",
                "--no-tensorboard", "--set", "grad_accum=2", "--set", "grad_checkpointing=true"])
@@ -100,7 +100,7 @@ def test_train_on_mimic_layout_with_chexpert_validation(tmp_path):
     out = tmp_path / "run"
     rc = main(["train", "--dataset", "mimic", "--data-root", str(mimic), "--val", "chexpert5x200",
                "--val-root", str(chexpert), "--output-dir", str(out), "--epochs", "1",
-               "--batch-size", "8", "--no-progress", "--no-tensorboard"])
+               "--batch-size", "8", "--no-progress", "--no-tensorboard", "--random-weights"])
     assert rc == 0
     with open(out / "logs" / "epochs.csv") as f:
         rows = list(csv.DictReader(f))
