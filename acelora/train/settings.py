@@ -279,12 +279,12 @@ def load_train_config(path: str | None = None, preset: str | None = None,
     from acelora.train.run_folder import RECORD_KEYS
 
     values = read_config_file(path) if path else {}
+    values = {k: v for k, v in values.items() if k not in RECORD_KEYS}
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(RUN_FIELDS) - set(METHOD_FIELDS)
     if unknown:
         raise _unknown_key_error(unknown, "the command-line overrides")
     if path:
-    values = {k: v for k, v in values.items() if k not in RECORD_KEYS}
         unknown = set(values) - set(RUN_FIELDS) - set(METHOD_FIELDS)
         if unknown:
             raise _unknown_key_error(unknown, repr(path))
