@@ -96,21 +96,15 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo | None = None, *, overwri
     ``cfg.random_weights``; weight files are checked for truncation; the main process claims
     ``cfg.output_dir`` (lock, writability, an earlier run resumed/replaced/refused)."""
     import acelora
-
-    owns_group = dist_info is None
-    dist_info = dist_info or init_distributed(cfg.device)
-    try:
-        seed_everything(cfg.seed)  # same initial adapters on every rank
-        model = acelora.create_ace_lora(cfg.model, config=cfg.method, adapters=cfg.adapters,
     from acelora import provenance
     from acelora.weight_files import check_model_files
-                                        device=dist_info.device, backend=cfg.backend)
+
     random_weights = provenance.check_random_weights(cfg.model, None, cfg.random_weights)
     check_model_files(cfg.model, adapters=cfg.adapters)
-        model.train()
-        if dist_info.is_main:
+    owns_group = dist_info is None
+    dist_info = dist_info or init_distributed(cfg.device)
     lock, error = None, None
-            print(model.trainable_parameter_report(), flush=True)
+    try:
         if dist_info.is_main:
             try:
                 lock = claim_run_folder(cfg.output_dir, cfg.resume, overwrite)
@@ -120,10 +114,16 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo | None = None, *, overwri
             if error is not None:
                 raise error
             raise RuntimeError("the main process could not claim the output folder")
+        seed_everything(cfg.seed)  # same initial adapters on every rank
+        model = acelora.create_ace_lora(cfg.model, config=cfg.method, adapters=cfg.adapters,
+                                        device=dist_info.device, backend=cfg.backend)
+        model.train()
+        record = None
+        if dist_info.is_main:
+            print(model.trainable_parameter_report(), flush=True)
             record = provenance.collect(model, cfg.model, adapters=cfg.adapters, preset=cfg.preset,
                                         random_weights=random_weights)
         seed_everything(cfg.seed + dist_info.rank)  # independent dropout per rank
-        record = None
         train = build_train_dataset(cfg, model)
         evaluate, metric = build_evaluator(cfg, model)
         if metric != cfg.val_metric:
@@ -136,14 +136,14 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo | None = None, *, overwri
         summary["model"] = model
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         if owns_group:
             cleanup_distributed()
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"trained {summary['steps']} step(s), {summary['epochs']} epoch(s); "
-        if lock is not None:
-            lock.release()
              f"skipped (non-finite) steps: {summary['skipped_steps']}"]
     if summary.get("best_epoch"):
         lines.append(f"best validation {summary['best_metric']:.4f} at epoch {summary['best_epoch']}"

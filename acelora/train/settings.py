@@ -78,11 +78,11 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     nan_policy: str = "skip"                 # "skip" (zero the step, count it) | "error"
     max_nan_skips: int = 20                  # more skipped steps than this is an error
-    tensorboard: bool = True
-    progress: bool = True
     random_weights: bool = False             # a built-in architecture without weights, on purpose
     save_every_steps: int | None = None      # also checkpoint every N optimizer steps
     save_every_minutes: float | None = None  # also checkpoint every M minutes
+    tensorboard: bool = True
+    progress: bool = True
     find_unused_parameters: bool = False
     method: ACELoRAConfig = field(default_factory=ACELoRAConfig)
 
@@ -110,15 +110,15 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.save_every_steps is not None and self.save_every_steps < 1:
+            raise ValueError(f"save_every_steps must be >= 1 or null, got {self.save_every_steps}")
+        if self.save_every_minutes is not None and not self.save_every_minutes > 0:
+            raise ValueError(f"save_every_minutes must be > 0 or null, got {self.save_every_minutes}")
 
     @property
     def preset(self) -> str:
         """The method preset the method fields started from."""
         return self.method.preset
-        if self.save_every_steps is not None and self.save_every_steps < 1:
-            raise ValueError(f"save_every_steps must be >= 1 or null, got {self.save_every_steps}")
-        if self.save_every_minutes is not None and not self.save_every_minutes > 0:
-            raise ValueError(f"save_every_minutes must be > 0 or null, got {self.save_every_minutes}")
 
     # --- conversions ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
