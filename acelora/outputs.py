@@ -56,7 +56,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             os.remove(tmp)
         if isinstance(exc, OSError):
             _raise_named(exc, path)
-        if isinstance(exc, RuntimeError) and "write" in str(exc).lower():
+        if isinstance(exc, RuntimeError) and any(k in str(exc) for k in (
+                "inline_container", "PytorchStreamWriter", "file write failed")):
             # torch.save reports a full disk as "PytorchStreamWriter failed writing file ..." /
             # "enforce fail at inline_container.cc": name the file and the likely cause.
             raise UserError(f"cannot write {path!r}: {str(exc).splitlines()[0]} (is the disk "

@@ -12,7 +12,6 @@ import torch
 
 import acelora
 from acelora.cli import build_parser, main
-from acelora.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +85,7 @@ def test_debug_shows_the_traceback(png):
 
 
 def test_disk_full_names_the_path(tmp_path, monkeypatch, capsys):
+    from acelora.errors import UserError
     from acelora.train.checkpoint import atomic_torch_save
 
     target = tmp_path / "ck" / "last.pt"
@@ -103,7 +103,14 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch, capsys):
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(torch, "save", stream_writer)
-    with pytest.raises(RuntimeError):  # not a write error we can name as such: left as it is
+    with pytest.raises(UserError, match="last.pt.*inline_container.*disk full"):
+        atomic_torch_save({"a": torch.ones(2)}, str(target))
+
+    def other_bug(obj, f, *args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(torch, "save", other_bug)
+    with pytest.raises(RuntimeError, match="something else"):   # not a write error: unchanged
         atomic_torch_save({"a": torch.ones(2)}, str(target))
 
     def write_failed(obj, f, *args, **kwargs):
@@ -125,6 +132,7 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch, capsys):
 def test_truncated_weights_files_are_named(tmp_path, png, adapters, capsys):
     import shutil
 
+    from acelora.errors import UserError
     from acelora.eval.loading import load_model
     from acelora.models import create_base_model, save_base_model
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import acelora
-from acelora import provenance
 from acelora.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +58,8 @@ def test_bench_says_it_measures_random_weights(capsys, tmp_path):
 
 
 def test_python_api_warns_once(monkeypatch):
+    from acelora import provenance
+
     from acelora.eval.loading import load_model
 
     monkeypatch.setattr(provenance, "_warned_random", set())
@@ -77,6 +78,8 @@ def test_python_api_warns_once(monkeypatch):
 
 
 def test_base_hash_is_layout_independent_and_sensitive():
+    from acelora import provenance
+
     base = acelora.create_model("tiny")
     ace = acelora.create_ace_lora("tiny")
     assert provenance.base_weights_sha256(base) == provenance.base_weights_sha256(ace)
@@ -92,6 +95,8 @@ def test_base_hash_is_layout_independent_and_sensitive():
 
 
 def test_train_then_eval_across_processes_and_provenance(tmp_path, png):
+    from acelora import provenance
+
     run = tmp_path / "run"
     assert main(["train", "--model", "tiny", "--random-weights", "--output-dir", str(run), "--epochs", "1",
                  "--batch-size", "8", "--set", "synthetic_size=16", "--set", "val_size=8",

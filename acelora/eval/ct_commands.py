@@ -95,5 +95,6 @@ def run_ct_rate(args: argparse.Namespace) -> int:
               f"weighted-F1 {fmt(row['weighted_f1'])}  F1(present) {fmt(row['positive_f1'])}")
     print(f"  {'mean':36s} auroc {fmt(result['mean_auroc'])}  acc {fmt(result['mean_accuracy'])}  "
           f"weighted-F1 {fmt(result['mean_weighted_f1'])}  F1(present) {fmt(result['mean_positive_f1'])}")
+    commands._record_provenance(args, result)
     print(f"report: {result['files']['json']}")
     return 0

@@ -9,7 +9,6 @@ import torch
 
 from acelora.cli import main
 from acelora.config import get_config
-from acelora.errors import UserError
 from acelora.train.loop import Trainer
 from acelora.train.settings import TrainConfig
 from acelora.train.testing import ToyCLIP, ToyPairs
@@ -43,6 +42,8 @@ def _record(tmp_path):
 
 @pytest.mark.parametrize("case", ["lr", "schedule", "seed", "data", "base", "method"])
 def test_resume_with_other_settings_is_refused(tmp_path, case):
+    from acelora.errors import UserError
+
     _first_epoch(tmp_path)
     model, data, values, method = _model(), ToyPairs(32, seed=1), {}, None
     if case == "lr":
@@ -82,6 +83,8 @@ def test_allow_config_change_applies_and_records(tmp_path):
 
 
 def test_batch_size_never_changes_within_a_run(tmp_path):
+    from acelora.errors import UserError
+
     _first_epoch(tmp_path)
     trainer = Trainer(_model(), ToyPairs(32, seed=1), _cfg(tmp_path, resume="auto", batch_size=16),
                       allow_config_change=True)

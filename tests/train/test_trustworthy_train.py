@@ -15,7 +15,6 @@ import torch
 
 from acelora.cli import main
 from acelora.config import get_config
-from acelora.errors import UserError
 from acelora.train.loop import Trainer
 from acelora.train.settings import TrainConfig
 from acelora.train.testing import ToyCLIP, ToyPairs
@@ -99,6 +98,8 @@ def test_too_many_skips_stop_with_a_clear_message(tmp_path):
 # --- run folders -----------------------------------------------------------------------------
 
 def test_a_second_live_run_is_refused_naming_its_pid(tmp_path, capsys):
+    from acelora.errors import UserError
+
     folder = tmp_path / "run"
     code = ("import sys, time; from acelora.outputs import RunFolderLock; "
             f"RunFolderLock({str(folder)!r}).acquire(); print('locked', flush=True); time.sleep(120)")
@@ -119,6 +120,8 @@ def test_a_second_live_run_is_refused_naming_its_pid(tmp_path, capsys):
 
 
 def test_a_finished_run_is_not_overwritten_without_overwrite(tmp_path):
+    from acelora.errors import UserError
+
     Trainer(ToyCLIP(), ToyPairs(32), _cfg(tmp_path, epochs=1), evaluate=lambda m: {"accuracy": 1.0}).fit()
     assert (tmp_path / "run" / "best").is_dir()
     with pytest.raises(UserError, match="already holds a run.*--resume auto.*--overwrite"):
