@@ -106,8 +106,9 @@ def classification_collate(batch: Sequence[dict]) -> dict:
     out = {"images": _stack_images(batch), "ids": _ids(batch)}
     if "path" in batch[0]:
         out["paths"] = [str(item.get("path", "")) for item in batch]
-    if "label" in batch[0]:
-        out["labels"] = torch.tensor([int(item["label"]) for item in batch], dtype=torch.long)
+    if "label" in batch[0]:  # the class id; also under "labels" unless items carry multi-hot ones
+        out["label"] = torch.tensor([int(item["label"]) for item in batch], dtype=torch.long)
+        out["labels"] = out["label"]
     if "labels" in batch[0]:
         out["labels"] = torch.stack([item["labels"] for item in batch])
     if "boxes" in batch[0]:

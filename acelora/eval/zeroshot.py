@@ -222,12 +222,13 @@ def zero_shot_evaluate(model, dataset, classnames: Sequence[str] | None = None,
         classifier = ZeroShotClassifier(model, classnames, templates, class_embedding=class_embedding,
                                         logit_scale=logit_scale)
         for batch in iterate_batches(dataset, batch_size, num_workers, on_error, skips):
-            if "labels" not in batch or batch["labels"].ndim != 1:
+            target = batch.get("label")
+            if target is None:
                 raise ValueError(f"{type(dataset).__name__} items need an integer 'label' for "
                                  "single-label zero-shot evaluation (use multilabel_evaluate for "
                                  "multi-hot 'labels')")
             probs.append(classifier.probs(batch["images"]).cpu())
-            targets.append(batch["labels"])
+            targets.append(target)
             ids.extend(batch["ids"])
     if not probs:
         raise ValueError(f"no readable items in {type(dataset).__name__} ({skips.count} skipped)")

@@ -17,20 +17,20 @@ class ContrastiveTask(nn.Module):
             for ACE-LoRA, ``config.label_guided``.
         loss_fn: the loss module (default ``model.loss_fn``); the Trainer passes one that
             gathers features across ranks.
+        label_guided: the label policy; default ``model.config.label_guided`` (True without one).
 
     One module around the model, so DDP sees every parameter used in its forward (the logit
     scale too).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module | None = None):
+    def __init__(self, model: nn.Module, loss_fn: nn.Module | None = None,
+                 label_guided: bool | None = None):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn if loss_fn is not None else model.loss_fn
-
-    @property
-    def label_guided(self) -> bool:
-        config = getattr(self.model, "config", None)
-        return bool(getattr(config, "label_guided", True))
+        if label_guided is None:
+            label_guided = getattr(getattr(model, "config", None), "label_guided", True)
+        self.label_guided = bool(label_guided)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None):

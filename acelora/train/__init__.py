@@ -7,7 +7,6 @@ import importlib
 _EXPORTS = {
     "Trainer": "acelora.train.loop",
     "zero_shot_accuracy": "acelora.train.loop",
-    "apply_gradient_checkpointing": "acelora.train.loop",
     "TrainConfig": "acelora.train.settings",
     "load_train_config": "acelora.train.settings",
     "run_training": "acelora.train.run",

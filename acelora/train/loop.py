@@ -12,26 +12,21 @@ one batch of B, at the memory of B/k (plus one extra forward).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
 import random
 import time
-import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from acelora.data.collate import ImageTextCollator
-from acelora.eval.prompts import DEFAULT_TEMPLATES
-from acelora.eval._runtime import check_finite_embeddings
-from acelora.eval.zeroshot import class_embeddings
+from acelora.eval.zeroshot import zero_shot_evaluate
+from acelora.models.task import ContrastiveTask
 from acelora.nn.loss import LabelGuidedInfoNCELoss
 from acelora.train.checkpoint import atomic_directory, load_checkpoint, save_checkpoint
 from acelora.train.distributed import DistInfo, all_reduce_mean, barrier
@@ -72,39 +67,6 @@ def _rng_restore(snapshot: tuple, device: torch.device) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
-
-
-# --- gradient checkpointing -----------------------------------------------------------------
-
-# Containers of transformer blocks: timm ViT ("blocks"), HF BERT ("encoder.layer"), open_clip
-# ("resblocks").
-_BLOCK_CONTAINERS = ("blocks", "layer", "layers", "resblocks")
-
-
-def _checkpointed_forward(forward, *args, **kwargs):
-    if torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
-
-
-def apply_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute every transformer block's activations in the backward pass (non-reentrant
-    ``torch.utils.checkpoint``; dropout masks are replayed). Returns how many blocks were
-    wrapped; idempotent."""
-    count = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        if name.rsplit(".", 1)[-1] not in _BLOCK_CONTAINERS:
-            continue
-        for block in module:
-            if getattr(block, "_acelora_checkpointed", False):
-                count += 1
-                continue
-            block.forward = functools.partial(_checkpointed_forward, block.forward)
-            block._acelora_checkpointed = True
-            count += 1
-    return count
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -148,62 +110,22 @@ class EpochSampler(Sampler[int]):
         return (self.steps_per_epoch - self.skip_batches) * (self.batch_size // self.world)
 
 
-# --- the model seen by the loop ---------------------------------------------------------------
-
-class ContrastiveForward(nn.Module):
-    """``(images, input_ids, attention_mask) -> (image_emb, text_emb, logit multiplier)``.
-
-    One module around the model so DistributedDataParallel sees every parameter use inside its
-    forward (the ``logit_scale`` too).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, input_ids, attention_mask):
-        image = self.model.encode_image(images, normalize=True)
-        text = self.model.encode_text(input_ids, attention_mask, normalize=True)
-        return image, text, self.model.logit_scale.exp()
-
-
 # --- zero-shot validation ---------------------------------------------------------------------
 
-@torch.no_grad()
 def zero_shot_accuracy(model: nn.Module, dataset, classnames: Sequence[str] | None = None,
-                       templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 64,
+                       templates: Sequence[str] | None = None, batch_size: int = 64,
                        device: torch.device | None = None) -> dict[str, float]:
-    """Zero-shot accuracy and balanced accuracy of ``model`` on ``dataset`` (items with ``image``
-    and an int ``label``; class names from ``classnames`` or ``dataset.classes``).
+    """Validation: the numeric metrics of ``acelora eval zeroshot``'s evaluator
+    (:func:`acelora.eval.zeroshot.zero_shot_evaluate`: accuracy, balanced accuracy, macro-F1,
+    AUROC) on ``dataset`` (items with ``image`` and an int ``label``).
 
-    Class embeddings by the evaluation's rule for the model's preset (DESIGN §9: per-prompt, or
-    token-mean for ``official``); only the argmax is used, so the logit scale does not matter.
-    Runs in eval mode without merging LoRA (the weights are left
-    bit-for-bit untouched, which exact resume relies on).
+    LoRA is not merged (the weights stay bit-for-bit untouched, which exact resume relies on);
+    non-finite embeddings raise instead of being scored.
     """
-    classnames = list(classnames or getattr(dataset, "classes", None) or [])
-    if not classnames:
-        raise ValueError("zero-shot evaluation needs class names (argument or dataset.classes)")
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        class_emb = check_finite_embeddings(class_embeddings(model, classnames, templates), "text")
-        preds, targets = [], []
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-            images = torch.stack([it["image"] for it in items]).to(device)
-            emb = F.normalize(model.encode_image(images, normalize=True).float(), dim=-1)
-            check_finite_embeddings(emb, "image")
-            preds.append((emb @ class_emb.T).argmax(-1).cpu())
-            targets.append(torch.tensor([int(it["label"]) for it in items]))
-        pred, target = torch.cat(preds), torch.cat(targets)
-    finally:
-        model.train(was_training)
-    with warnings.catch_warnings():  # a predicted class absent from a small validation set is fine
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        balanced = float(balanced_accuracy_score(target.numpy(), pred.numpy()))
-    return {"accuracy": (pred == target).float().mean().item(), "balanced_accuracy": balanced}
+    out = zero_shot_evaluate(model, dataset, classnames, templates, batch_size=batch_size,
+                             device=device, merge=False, on_error="raise")
+    return {k: float(v) for k, v in out.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "skipped")}
 
 
 # --- the trainer ------------------------------------------------------------------------------
@@ -262,12 +184,16 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, self.total_steps)
         self.train_dataset = train_dataset
         self.collate_fn = collate_fn or ImageTextCollator(model.tokenizer)
-        self.loss_fn = LabelGuidedInfoNCELoss(gather=True, backend=cfg.backend)
+        # The one definition of the step's computation; features gathered across ranks.
+        self.task = ContrastiveTask(model, LabelGuidedInfoNCELoss(gather=True, backend=cfg.backend),
+                                    label_guided=self.method.label_guided)
+        self.loss_fn = self.task.loss_fn
         if cfg.grad_checkpointing:
-            n = apply_gradient_checkpointing(model)
-            if n == 0:
-                log.warning("grad_checkpointing: no transformer blocks found to checkpoint")
-        self.forward_module = ContrastiveForward(model)
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(f"grad_checkpointing: {type(model).__name__} has no "
+                                 "set_grad_checkpointing() switch")
+            model.set_grad_checkpointing(True)   # open_clip's switch; the towers honour it
+        self.forward_module = self.task
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -297,9 +223,6 @@ class Trainer:
             image, text, scale = self.forward_module(mb["images"], mb["input_ids"], mb["attention_mask"])
         return image.float(), text.float(), scale.float()
 
-    def _labels(self, batch: dict):
-        return batch.get("labels") if self.method.label_guided else None
-
     def _split(self, batch: dict) -> list[dict]:
         k = self.cfg.grad_accum
         n = batch["images"].shape[0]
@@ -324,8 +247,7 @@ class Trainer:
 
     def _accumulated_backward(self, chunks: list[dict]) -> torch.Tensor:
         """Full-batch loss; gradients of the full-batch loss accumulated chunk by chunk."""
-        labels = self._labels({"labels": torch.cat([c["labels"] for c in chunks])}
-                              if "labels" in chunks[0] else {})
+        labels = torch.cat([c["labels"] for c in chunks]) if "labels" in chunks[0] else None
         snapshots, images, texts, scales = [], [], [], []
         with torch.no_grad():
             for mb in chunks:
@@ -338,7 +260,7 @@ class Trainer:
         image_all = torch.cat(images).requires_grad_()
         text_all = torch.cat(texts).requires_grad_()
         scale_leaf = scales[0].detach().requires_grad_()
-        loss = self.loss_fn(image_all, text_all, scale_leaf, labels)
+        loss = self.task.loss(image_all, text_all, scale_leaf, labels)
         if not torch.isfinite(loss):
             return loss.detach()
         loss.backward()
@@ -370,7 +292,7 @@ class Trainer:
         if len(chunks) > 1:
             return self._accumulated_backward(chunks)
         image, text, scale = self._forward(chunks[0])
-        loss = self.loss_fn(image, text, scale, self._labels(chunks[0]))
+        loss = self.task.loss(image, text, scale, chunks[0].get("labels"))
         loss.backward()
         return loss.detach()
 
