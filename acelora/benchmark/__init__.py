@@ -1,7 +1,7 @@
 """``acelora bench``: images/s of a full ACE-LoRA training step and of zero-shot inference.
 
 * :mod:`.train_cases` — the training-step cases (``reference``, ``default``, ``compile``) and
-  the one function that defines the step's computation (``training_forward``);
+  ``training_forward``, which runs the step through ``acelora.models.task.ContrastiveTask``;
   :mod:`.reference` — the research code's formulation the ``reference`` case runs;
   :mod:`.inference` — zero-shot cases (base model, merged adapters, merged without HGNN);
   :mod:`.inputs` — synthetic images, reports and labels.

@@ -24,6 +24,7 @@ from acelora.benchmark import reference
 from acelora.benchmark.inputs import Batch, make_batch
 from acelora.benchmark.phase_profile import install_phase_hooks, profile_case
 from acelora.benchmark.timing import add_throughput, free_memory, record_failure, time_interleaved
+from acelora.models.task import ContrastiveTask
 from acelora.nn.loss import LabelGuidedInfoNCELoss
 from acelora.profiling import nvtx_enabled, phase, remove_hooks
 from acelora.train.optim import build_optimizer
@@ -37,17 +38,12 @@ def bf16_autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def training_forward(model: nn.Module, loss_fn: nn.Module, batch: Batch, use_bf16: bool) -> torch.Tensor:
-    """The training step's computation as the benchmark runs it: both towers (with their HGNNs),
-    then the loss. Every case times this one definition; the phases are no-ops unless a profiler,
-    a PhaseTimer or NVTX is on (and inside torch.compile)."""
+def training_forward(task: ContrastiveTask, batch: Batch, use_bf16: bool) -> torch.Tensor:
+    """The training step's computation as the benchmark runs it: ``ContrastiveTask`` (the one
+    definition of the step: both towers with their HGNNs, then the loss; its phases are no-ops
+    unless a profiler, a PhaseTimer or NVTX is on, and inside torch.compile)."""
     with bf16_autocast(batch.images.device, use_bf16):
-        with phase("image_tower"):
-            image_emb = model.encode_image(batch.images)
-        with phase("text_tower"):
-            text_emb = model.encode_text(batch.input_ids, batch.attention_mask)
-        with phase("loss"):
-            return loss_fn(image_emb, text_emb, model.logit_scale.exp(), batch.labels)
+        return task.step(batch.images, batch.input_ids, batch.attention_mask, batch.labels)["loss"]
 
 
 @dataclass
@@ -87,8 +83,10 @@ def build_train_case(case: str, model_name: str, batch_size: int, device: torch.
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1)
     hooks = install_phase_hooks(model) if instrument and case != "compile" else []
 
+    task = ContrastiveTask(model, loss_fn)
+
     def forward() -> torch.Tensor:
-        return training_forward(model, loss_fn, batch, use_bf16)
+        return training_forward(task, batch, use_bf16)
 
     fwd = forward
     if case == "compile":
