@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from acelora.train.optim import trainable_named_parameters
+
 CHECKPOINT_VERSION = 1
 
 
@@ -103,12 +105,12 @@ def atomic_directory(write, path: str) -> str:
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters by name (CPU copies)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().clone() for n, p in trainable_named_parameters(model)}
 
 
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy saved trainable parameters back in place; the names must match exactly."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = dict(trainable_named_parameters(model))
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:

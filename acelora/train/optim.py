@@ -8,7 +8,11 @@ from torch import nn
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` of every parameter that requires a gradient, in module order."""
+    """The one rule for what training updates, saves and restores: ``(name, parameter)`` of the
+    model's adapter tensors (``adapter_state_dict``: LoRA, HGNNs, logit scale, chosen by role)
+    when it has adapters, else of every parameter that requires a gradient; in module order."""
+    if hasattr(model, "adapter_state_dict"):
+        return list(model.adapter_state_dict().items())
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
