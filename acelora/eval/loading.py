@@ -52,8 +52,10 @@ def load_model(model: str = "tiny", adapters: str | None = None, official: str |
 
 
 def dataset_transform(model):
-    """BiomedCLIP's evaluation preprocessing at the model's image size, with the geometry for
-    boxes and masks (``map_boxes`` / ``map_mask``)."""
+    """The model's own evaluation preprocessing (``model.image_transform()``: its size, mean and
+    std), with the geometry for boxes and masks (``map_boxes`` / ``map_mask``)."""
+    if hasattr(model, "image_transform"):
+        return model.image_transform()
     from acelora.data.transforms import biomedclip_transform
 
     return biomedclip_transform(int(model.image_size))

@@ -18,14 +18,17 @@ logger = logging.getLogger("acelora.eval")
 
 
 def image_transform(model):
-    """The model's evaluation preprocessing (PIL -> [3, S, S]); BiomedCLIP's at the model's size
-    when the model does not carry one."""
+    """The model's evaluation preprocessing (PIL -> [3, S, S]): the same as training and
+    evaluation use (``model.image_transform()``); its ``preprocess`` or BiomedCLIP's for other
+    models."""
+    from acelora.eval.loading import dataset_transform
+
+    if hasattr(model, "image_transform"):
+        return dataset_transform(model)
     preprocess = getattr(model, "preprocess", None)
     if callable(preprocess):
         return preprocess
-    from acelora.data.transforms import biomedclip_transform
-
-    return biomedclip_transform(int(model.image_size))
+    return dataset_transform(model)
 
 
 def predict(model, paths: Sequence[str], classnames: Sequence[str],

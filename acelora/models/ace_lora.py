@@ -101,6 +101,19 @@ class CLIPModel(nn.Module):
         """[B, L] -> [B, L, D]: every output token projected and L2-normalised (0 = global)."""
         return F.normalize(self.text_features(input_ids, attention_mask).tokens, dim=-1)
 
+    def image_transform(self, train: bool = False):
+        """The model's own image preprocessing, the one every pipeline uses (train, eval,
+        predict): PIL -> [3, S, S] at the model's image size with its config's mean/std, the
+        geometry exposed for boxes and masks; ``train`` adds open_clip's mild random crop. A 3D
+        tower's volume preprocessing (``preprocess``) is returned as it is."""
+        if getattr(self.image_tower, "volume_shape", None) is not None:
+            return self.preprocess
+        from acelora.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, BiomedCLIPTransform
+
+        pre = (getattr(self.base, "open_clip_config", None) or {}).get("preprocess_cfg", {})
+        return BiomedCLIPTransform(self.image_size, train=train, mean=pre.get("mean", OPENAI_CLIP_MEAN),
+                                   std=pre.get("std", OPENAI_CLIP_STD))
+
     def tokenize(self, texts, context_length: int | None = None) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts, context_length=context_length)
 

@@ -22,20 +22,19 @@ def build_train_dataset(cfg: TrainConfig, model: nn.Module):
     if cfg.dataset == "synthetic":
         from acelora.data.synthetic import SyntheticCXRPairs
         return SyntheticCXRPairs(cfg.synthetic_size, image_size=model.image_size,
-                                 domain=cfg.synthetic_domain, seed=cfg.seed, cache=True)
+                                 domain=cfg.synthetic_domain, seed=cfg.seed, cache=True,
+                                 transform=model.image_transform())
     if cfg.dataset == "mimic":
         from acelora.data.labels import LabelPolicy
         from acelora.data.mimic import MimicCXRDataset
-        from acelora.data.transforms import biomedclip_transform
         return MimicCXRDataset(cfg.data_root, split="train",
-                               transform=biomedclip_transform(model.image_size, train=True),
+                               transform=model.image_transform(train=True),
                                label_policy=LabelPolicy.from_config(cfg.method), on_error="skip")
     if cfg.dataset == "captions":
         from acelora.data.captions import ImageCaptionDataset
-        from acelora.data.transforms import biomedclip_transform
         return ImageCaptionDataset(cfg.data_root, image_column=cfg.image_column,
                                    caption_column=cfg.caption_column, label_columns=cfg.label_columns,
-                                   transform=biomedclip_transform(model.image_size, train=True),
+                                   transform=model.image_transform(train=True),
                                    on_error="skip")
     raise ValueError(f"unknown dataset {cfg.dataset!r}")
 
@@ -51,10 +50,9 @@ def build_evaluator(cfg: TrainConfig, model: nn.Module) -> tuple[Callable | None
         from acelora.data.synthetic import SyntheticCXRPairs
         val = SyntheticCXRPairs(cfg.val_size, image_size=model.image_size,
                                 domain=cfg.synthetic_domain, seed=cfg.seed + VAL_SEED_OFFSET,
-                                cache=True)
+                                cache=True, transform=model.image_transform())
         return (lambda mdl: zero_shot_accuracy(mdl, val)), cfg.val_metric
-    from acelora.data.transforms import biomedclip_transform
-    transform = biomedclip_transform(model.image_size)
+    transform = model.image_transform()
     if kind == "chexpert5x200":
         from acelora.data.classification import CheXpert5x200Dataset
         data = CheXpert5x200Dataset(cfg.val_root, transform=transform)

@@ -80,3 +80,21 @@ def test_folder_errors_name_the_problem(tmp_path):
     (tmp_path / "m" / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     with pytest.raises(ValueError, match="ResNet image towers are not supported"):
         create_base_model(str(tmp_path / "m"))
+
+
+def test_preprocessing_follows_the_models_own_config(tmp_path):
+    """Training, evaluation and predict all normalise with the folder's mean/std (not BiomedCLIP's)."""
+    from PIL import Image
+
+    from acelora.eval.loading import dataset_transform
+    from acelora.eval.predict import image_transform
+
+    write_folder(tmp_path / "m")
+    model = acelora.create_model(str(tmp_path / "m"))
+    image = Image.new("RGB", (80, 70), (255, 0, 128))
+    want = (torch.tensor([1.0, 0.0, 128 / 255])[:, None, None] - 0.5) / 0.25
+    for transform in (model.image_transform(), dataset_transform(model), image_transform(model)):
+        out = transform(image)
+        assert out.shape == (3, 64, 64) and torch.allclose(out, want.expand(3, 64, 64), atol=1e-5)
+    train = model.image_transform(train=True)(image)
+    assert train.shape == (3, 64, 64) and torch.allclose(train, want.expand(3, 64, 64), atol=1e-5)
