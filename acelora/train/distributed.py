@@ -94,3 +94,19 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value)], device=device, dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    """True when ``ok`` holds on every rank (a no-op without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank."""
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())

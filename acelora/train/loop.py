@@ -1,113 +1,35 @@
-"""The contrastive training loop.
-
-One optimizer step sees ``batch_size`` image–text pairs over all ranks. With ``grad_accum = k``
-each rank splits its share into k micro-batches and accumulates *exactly* the gradient of the
-full-batch loss (a contrastive loss is not a sum over micro-batches, so plain gradient
-accumulation would change the negatives): the embeddings of every micro-batch are computed
-without a graph first, the loss and its gradient w.r.t. the embeddings are taken on the whole
-batch, then each micro-batch is re-run with its original RNG state (same dropout masks) and
-back-propagates its slice of that gradient. k micro-batches of B/k therefore give the gradient of
-one batch of B, at the memory of B/k (plus one extra forward).
+"""The contrastive training loop: ``Trainer`` runs epochs of optimizer steps (``acelora.train.step``:
+exact gradient accumulation, NaN policy) over an ``EpochSampler``, validates, saves checkpoints,
+adapters and ``best/``, and resumes exactly. One optimizer step sees ``batch_size`` image–text pairs
+over all ranks.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import random
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from acelora.data.collate import ImageTextCollator
 from acelora.eval.zeroshot import zero_shot_evaluate
 from acelora.models.task import ContrastiveTask
 from acelora.nn.loss import LabelGuidedInfoNCELoss
 from acelora.train.checkpoint import atomic_directory, load_checkpoint, save_checkpoint
-from acelora.train.distributed import DistInfo, all_reduce_mean, barrier
+from acelora.train.distributed import DistInfo, all_ranks_ok, all_reduce_mean, barrier, broadcast_flag
 from acelora.train.logger import MetricLogger
 from acelora.train.run_folder import claim_run_folder, write_run_record
 from acelora.train.optim import build_optimizer, build_scheduler, trainable_named_parameters
+from acelora.train.sampling import EpochSampler, seed_everything  # noqa: F401  (re-exported)
 from acelora.train.settings import TrainConfig
+from acelora.train.step import OptimizerStep
 
 log = logging.getLogger("acelora.train")
 
-
-
-# --- determinism ------------------------------------------------------------------------------
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.benchmark = False
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast for ``precision`` "bf16", or "auto" on a GPU; nothing for "fp32"/"auto" on CPU."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _rng_snapshot(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _rng_restore(snapshot: tuple, device: torch.device) -> None:
-    cpu, cuda = snapshot
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-
-
-# --- data -------------------------------------------------------------------------------------
-
-class EpochSampler(Sampler[int]):
-    """This rank's indices of one epoch: a permutation fixed by ``(seed, epoch)`` cut to whole
-    global batches, rank ``r`` taking positions ``r, r + W, r + 2W, ...``.
-
-    So global step ``s`` covers permutation entries ``[s·B, (s+1)·B)`` whatever the world size
-    and ``set_epoch(epoch, skip_batches)`` resumes in the middle of an epoch.
-    """
-
-    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True):
-        if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} is not divisible by the world size {world_size}")
-        self.n, self.batch_size, self.world, self.rank = n, batch_size, world_size, rank
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.skip_batches = 0, 0
-        self.steps_per_epoch = n // batch_size
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"the data set has {n} items, fewer than one batch of {batch_size}")
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip_batches = int(epoch), int(skip_batches)
-
-    def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            perm = torch.randperm(self.n, generator=g)
-        else:
-            perm = torch.arange(self.n)
-        perm = perm[: self.steps_per_epoch * self.batch_size]
-        mine = perm[self.rank::self.world]
-        return mine[self.skip_batches * (self.batch_size // self.world):].tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.skip_batches) * (self.batch_size // self.world)
 
 
 # --- zero-shot validation ---------------------------------------------------------------------
@@ -120,10 +42,11 @@ def zero_shot_accuracy(model: nn.Module, dataset, classnames: Sequence[str] | No
     AUROC) on ``dataset`` (items with ``image`` and an int ``label``).
 
     LoRA is not merged (the weights stay bit-for-bit untouched, which exact resume relies on);
-    non-finite embeddings raise instead of being scored.
+    non-finite embeddings raise instead of being scored; unreadable images are skipped and
+    counted.
     """
     out = zero_shot_evaluate(model, dataset, classnames, templates, batch_size=batch_size,
-                             device=device, merge=False, on_error="raise")
+                             device=device, merge=False)
     return {k: float(v) for k, v in out.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "skipped")}
 
@@ -141,7 +64,7 @@ def _save_weights(model: nn.Module, directory: str) -> None:
     save_file(state, os.path.join(directory, "trainable.safetensors"))
 
 
-class Trainer:
+class Trainer(OptimizerStep):
     """Contrastive training of ``model`` (anything with ``encode_image``, ``encode_text``,
     ``logit_scale`` and ``tokenizer``; the trainable parameters are those with
     ``requires_grad``) on image–text ``train_dataset`` under ``cfg``.
@@ -217,135 +140,6 @@ class Trainer:
         # Opened by fit() once the run folder is claimed (nothing is written before that).
         self.logger = MetricLogger(os.path.join(self.output_dir, "logs"), enabled=False)
 
-    # --- one optimizer step ---------------------------------------------------------------
-    def _forward(self, mb: dict):
-        with autocast_context(self.device, self.cfg.precision):
-            image, text, scale = self.forward_module(mb["images"], mb["input_ids"], mb["attention_mask"])
-        return image.float(), text.float(), scale.float()
-
-    def _split(self, batch: dict) -> list[dict]:
-        k = self.cfg.grad_accum
-        n = batch["images"].shape[0]
-        if n % k:
-            raise ValueError(f"a batch of {n} cannot be split into {k} micro-batches")
-        size = n // k
-        chunks = []
-        for i in range(k):
-            mb = {key: (v[i * size:(i + 1) * size] if torch.is_tensor(v) else v) for key, v in batch.items()}
-            tower = getattr(self.model, "text_tower", None)
-            if k > 1 and tower is not None:
-                # The text tower's padding rule: in the paper preset a micro-batch is trimmed to
-                # its longest text, as if it had been collated alone.
-                mb["input_ids"], mb["attention_mask"] = tower.fit(
-                    mb["input_ids"], mb["attention_mask"], trim=True)
-            chunks.append(mb)
-        return chunks
-
-    def _to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                for k, v in batch.items()}
-
-    def _accumulated_backward(self, chunks: list[dict]) -> torch.Tensor:
-        """Full-batch loss; gradients of the full-batch loss accumulated chunk by chunk."""
-        labels = torch.cat([c["labels"] for c in chunks]) if "labels" in chunks[0] else None
-        snapshots, images, texts, scales = [], [], [], []
-        with torch.no_grad():
-            for mb in chunks:
-                snapshots.append(_rng_snapshot(self.device))
-                image, text, scale = self._forward(mb)
-                images.append(image)
-                texts.append(text)
-                scales.append(scale)
-        after = _rng_snapshot(self.device)
-        image_all = torch.cat(images).requires_grad_()
-        text_all = torch.cat(texts).requires_grad_()
-        scale_leaf = scales[0].detach().requires_grad_()
-        loss = self.task.loss(image_all, text_all, scale_leaf, labels)
-        if not torch.isfinite(loss):
-            return loss.detach()
-        loss.backward()
-        sizes = [c["images"].shape[0] for c in chunks]
-        g_image, g_text = image_all.grad.split(sizes), text_all.grad.split(sizes)
-        g_scale = scale_leaf.grad / len(chunks)
-        ddp = self.dist.distributed
-        for i, mb in enumerate(chunks):
-            sync = (not ddp) or i == len(chunks) - 1
-            ctx = contextlib.nullcontext() if sync else self.forward_module.no_sync()
-            _rng_restore(snapshots[i], self.device)
-            with ctx:
-                image, text, scale = self._forward(mb)
-                surrogate = (image * g_image[i]).sum() + (text * g_text[i]).sum() + scale * g_scale
-                surrogate.backward()
-        _rng_restore(after, self.device)
-        return loss.detach()
-
-    def backward(self, batch: dict) -> torch.Tensor:
-        """Zero the gradients, then leave in ``.grad`` the gradient of the full-batch loss on
-        this rank's share ``batch`` (all-reduced over ranks by DDP). Returns the detached loss.
-        A non-finite loss still runs its backward (its gradients are then non-finite too):
-        testing it here would be a device->host sync before every backward; ``train_step``
-        reads the loss and the gradient norm in one sync and drops such a step. (With gradient
-        accumulation a non-finite loss is returned without the second pass.)"""
-        batch = self._to_device(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        chunks = self._split(batch)
-        if len(chunks) > 1:
-            return self._accumulated_backward(chunks)
-        image, text, scale = self._forward(chunks[0])
-        loss = self.task.loss(image, text, scale, chunks[0].get("labels"))
-        loss.backward()
-        return loss.detach()
-
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """One optimizer step on this rank's share of a global batch."""
-        loss = self.backward(batch)
-        lr = self.optimizer.param_groups[0]["lr"]
-        max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm else float("inf")
-        # Clipping non-finite gradients is harmless: a non-finite step's gradients are dropped.
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        # One device->host read for the NaN policy and the log (was one each for isfinite(loss),
-        # the loss and the norm).
-        loss_value, grad_norm = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
-        if not math.isfinite(loss_value):
-            self._non_finite("loss", loss_value)
-            return {"loss": loss_value, "lr": lr, "skipped": 1.0}
-        if not math.isfinite(grad_norm):
-            self._non_finite("gradient norm", grad_norm)
-            return {"loss": loss_value, "lr": lr, "skipped": 1.0}
-        self.optimizer.step()
-        self.scheduler.step()
-        if hasattr(self.model, "clamp_logit_scale"):  # open_clip keeps the multiplier <= 100
-            self.model.clamp_logit_scale()
-        scale = float(self.model.logit_scale.detach().exp())
-        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "logit_scale": scale,
-                "skipped": 0.0}
-
-    def _non_finite(self, what: str, value: float) -> None:
-        """A NaN/Inf step: raise, or drop its gradients and count it (the schedule moves on)."""
-        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
-        if self.cfg.nan_policy == "error":
-            raise FloatingPointError(
-                f"non-finite {what} ({value}) at {where}. Lower lr, use precision 'fp32', set "
-                "clip_grad_norm, or set nan_policy: skip to skip such steps.")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.skipped_steps += 1
-        self._epoch_skipped += 1
-        log.warning("non-finite %s (%s) at %s: step skipped (%d so far)", what, value, where,
-                    self.skipped_steps)
-        if self.skipped_steps > self.cfg.max_nan_skips:
-            raise FloatingPointError(
-                f"training diverged: {self.skipped_steps} steps had a non-finite loss or gradient "
-                f"(more than max_nan_skips={self.cfg.max_nan_skips}), the last at {where}. "
-                f"{self._last_good()} Lower lr (now {self.cfg.lr}), set clip_grad_norm or use "
-                "precision fp32, then --resume auto --allow-config-change.")
-
-    def _last_good(self) -> str:
-        if os.path.exists(self.checkpoint_path):
-            return f"The last checkpoint, {self.checkpoint_path}, predates the divergence."
-        return "No checkpoint was written."
-
-    # --- state ----------------------------------------------------------------------------
     def _state_extra(self) -> dict:
         return {"batches_done": self.batches_done, "skipped_steps": self.skipped_steps,
                 "best_metric": self.best_metric, "best_epoch": self.best_epoch,
@@ -451,7 +245,7 @@ class Trainer:
                 lock = claim_run_folder(self.output_dir, self.cfg.resume, self.overwrite)
             except BaseException as exc:  # every rank must learn of it, not wait forever
                 error = exc
-        if not _all_ranks_ok(error is None, self.device):
+        if not all_ranks_ok(error is None, self.device):
             if error is not None:
                 raise error
             raise RuntimeError("the main process could not claim the output folder")
@@ -607,7 +401,7 @@ class Trainer:
         if cfg.save_every_minutes:
             late = time.monotonic() - self._last_save >= 60.0 * cfg.save_every_minutes
             if self.dist.distributed:
-                late = _broadcast_flag(late, self.device)
+                late = broadcast_flag(late, self.device)
             due = due or late
         return due
 
@@ -617,23 +411,3 @@ class Trainer:
         elif self.dist.is_main:
             log.warning("step %d: the trainable parameters are not finite; the checkpoint is not "
                         "updated", self.step)
-
-
-def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
-    """True when ``ok`` holds on every rank (a no-op without torch.distributed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's ``flag`` on every rank."""
-    import torch.distributed as dist
-
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.broadcast(value, src=0)
-    return bool(value.item())

@@ -8,7 +8,8 @@ from typing import Any, Callable
 from torch import nn
 
 from acelora.train.distributed import DistInfo, cleanup_distributed, init_distributed
-from acelora.train.loop import Trainer, _all_ranks_ok, seed_everything, zero_shot_accuracy
+from acelora.train.distributed import all_ranks_ok
+from acelora.train.loop import Trainer, seed_everything, zero_shot_accuracy
 from acelora.train.run_folder import claim_run_folder
 from acelora.train.settings import TrainConfig
 
@@ -56,13 +57,7 @@ def build_evaluator(cfg: TrainConfig, model: nn.Module) -> tuple[Callable | None
     if kind == "chexpert5x200":
         from acelora.data.classification import CheXpert5x200Dataset
         data = CheXpert5x200Dataset(cfg.val_root, transform=transform)
-        from acelora.eval.zeroshot import zero_shot_evaluate
-
-        def evaluate(mdl):
-            # merge=False: merging and unmerging would perturb the frozen weights by rounding.
-            out = zero_shot_evaluate(mdl, data, merge=False)
-            return {k: v for k, v in out.items() if isinstance(v, (int, float)) and k != "n"}
-        return evaluate, cfg.val_metric
+        return (lambda mdl: zero_shot_accuracy(mdl, data)), cfg.val_metric
     if kind == "nih":
         from acelora.data.classification import NIHChestXray14Dataset
         from acelora.eval.multilabel import multilabel_evaluate
@@ -76,13 +71,8 @@ def build_evaluator(cfg: TrainConfig, model: nn.Module) -> tuple[Callable | None
     if kind in ("lc25000-lung", "lc25000-colon", "mhist"):
         # Validate on the held-out images (LC25000's hash hold-out, MHIST's test partition).
         from acelora.eval.loading import build_zeroshot_dataset
-        from acelora.eval.zeroshot import zero_shot_evaluate
         data = build_zeroshot_dataset(kind, cfg.val_root, transform, split="test")
-
-        def evaluate(mdl):
-            out = zero_shot_evaluate(mdl, data, merge=False)
-            return {k: v for k, v in out.items() if isinstance(v, (int, float)) and k != "n"}
-        return evaluate, cfg.val_metric
+        return (lambda mdl: zero_shot_accuracy(mdl, data)), cfg.val_metric
     raise ValueError(f"unknown validation {kind!r}")
 
 
@@ -108,7 +98,7 @@ def run_training(cfg: TrainConfig, dist_info: DistInfo | None = None, *, overwri
                 lock = claim_run_folder(cfg.output_dir, cfg.resume, overwrite)
             except BaseException as exc:
                 error = exc
-        if not _all_ranks_ok(error is None, dist_info.device):
+        if not all_ranks_ok(error is None, dist_info.device):
             if error is not None:
                 raise error
             raise RuntimeError("the main process could not claim the output folder")

@@ -29,7 +29,9 @@ def test_caption_items_carry_labels_into_the_batch(tmp_path):
     truth = write_caption_csv(str(tmp_path), n=6, seed=3, image_size=32)
     cfg = load_train_config(overrides={"dataset": "captions", "data_root": truth["csv"],
                                        "label_columns": "label"})
-    data = build_train_dataset(cfg, SimpleNamespace(image_size=64))
+    from acelora.data.transforms import biomedclip_transform
+    model = SimpleNamespace(image_size=64, image_transform=lambda train=False: biomedclip_transform(64, train))
+    data = build_train_dataset(cfg, model)
     assert len(data) == 6 and data[0]["image"].shape == (3, 64, 64)
 
     def tokenizer(texts):
