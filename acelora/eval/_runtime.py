@@ -95,10 +95,12 @@ def encode_texts(model, texts: Sequence[str], batch_size: int = 256,
 
 @torch.inference_mode()
 def encode_images(model, images: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-    """L2-normalised global image embeddings [B, D] (float32)."""
+    """L2-normalised global embeddings [B, D] (float32) of images [B, 3, H, W] or, for a 3D
+    image tower, of CT volumes [B, 1, D, H, W]."""
     device = device or model_device(model)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+    if not ((images.ndim == 4 and images.shape[1] == 3) or (images.ndim == 5 and images.shape[1] == 1)):
+        raise ValueError(f"images must be [B, 3, H, W] (or volumes [B, 1, D, H, W]), got shape "
+                         f"{tuple(images.shape)}")
     emb = model.encode_image(images.to(device, non_blocking=True), normalize=True)
     return check_finite_embeddings(F.normalize(emb.float(), dim=-1), "image")
 
@@ -113,14 +115,11 @@ def check_finite_embeddings(emb: torch.Tensor, what: str) -> torch.Tensor:
     return emb
 
 
-@torch.inference_mode()
 def encode_volumes(model, volumes: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """L2-normalised global embeddings [B, D] (float32) of CT volumes [B, 1, D, H, W]."""
-    device = device or model_device(model)
     if volumes.ndim != 5 or volumes.shape[1] != 1:
         raise ValueError(f"volumes must be [B, 1, D, H, W], got shape {tuple(volumes.shape)}")
-    emb = model.encode_image(volumes.to(device, non_blocking=True), normalize=True)
-    return F.normalize(emb.float(), dim=-1)
+    return encode_images(model, volumes, device)
 
 
 # --- batches ------------------------------------------------------------------------------

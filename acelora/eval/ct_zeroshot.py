@@ -23,7 +23,7 @@ from sklearn import metrics as skm
 from acelora.eval import metrics as M
 from acelora.eval._runtime import (SkipCounter, encode_volumes, inference_model, iterate_batches,
                                    resolve_device)
-from acelora.eval.multilabel import MultiLabelClassifier, _check_findings
+from acelora.eval.multilabel import MultiLabelClassifier, _check_findings, write_multilabel_predictions
 
 CT_CLIP_POSITIVE_TEMPLATES = ("{c} is present.",)
 CT_CLIP_NEGATIVE_TEMPLATES = ("{c} is not present.",)
@@ -207,11 +207,7 @@ def _write_reports(out_dir, name, result, probs, targets, ids, findings) -> dict
             writer.writerow([finding, *("" if isinstance(row[c], float) and math.isnan(row[c])
                                         else row[c] for c in columns)])
         writer.writerow(["mean", result["mean_auroc"], "", *(result[f"mean_{c}"] for c in columns[2:-1]), ""])
-    with open(files["predictions"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", *(f"{n} (target)" for n in findings), *(f"{n} (prob)" for n in findings)])
-        for item_id, t, p in zip(ids, targets.tolist(), probs.tolist()):
-            writer.writerow([item_id, *(int(v) for v in t), *(f"{v:.6f}" for v in p)])
+    write_multilabel_predictions(files["predictions"], ids, targets, probs, findings)
     result["files"] = files
     M.write_json(files["json"], result)
     return files

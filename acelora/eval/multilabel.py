@@ -121,14 +121,20 @@ def multilabel_evaluate(model, dataset, findings: Sequence[str] | None = None,
                  "predictions": os.path.join(out_dir, f"{name}_predictions.csv")}
         M.plot_roc(probs, targets, findings, files["roc"], multilabel=True,
                    title=f"{result['dataset']}: ROC per finding")
-        with open(files["predictions"], "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", *(f"{n} (target)" for n in findings), *(f"{n} (prob)" for n in findings)])
-            for item_id, t, p in zip(ids, targets.tolist(), probs.tolist()):
-                writer.writerow([item_id, *(int(v) for v in t), *(f"{v:.6f}" for v in p)])
+        write_multilabel_predictions(files["predictions"], ids, targets, probs, findings)
         result["files"] = files
         M.write_json(files["json"], result)
     return result
+
+
+def write_multilabel_predictions(path: str, ids, targets: torch.Tensor, probs: torch.Tensor,
+                                 findings) -> None:
+    """One CSV row per item: its id, the target of each finding, then each probability."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", *(f"{n} (target)" for n in findings), *(f"{n} (prob)" for n in findings)])
+        for item_id, t, p in zip(ids, targets.tolist(), probs.tolist()):
+            writer.writerow([item_id, *(int(v) for v in t), *(f"{v:.6f}" for v in p)])
 
 
 class MultiLabelCSVDataset(ImageDataset):

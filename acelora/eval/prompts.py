@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from acelora.data.ctrate import CT_RATE_FINDINGS
+
 # Zero-shot classification: one class embedding = mean over these templates (DESIGN §9).
 DEFAULT_TEMPLATES = ("a chest X-ray image of {c}.", "Findings suggesting {c}.")
 
@@ -29,14 +31,8 @@ NIH_FINDINGS = (
     "Hernia",
 )
 
-# The 18 abnormalities of CT-RATE, as CT-CLIP and MedCT-VLM evaluate them.
-CT_FINDINGS = (
-    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
-    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
-    "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
-    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
-    "Interlobular septal thickening",
-)
+# The 18 abnormalities of CT-RATE, as CT-CLIP and MedCT-VLM evaluate them (the label CSV's columns).
+CT_FINDINGS = CT_RATE_FINDINGS
 
 # Zero-shot class names by dataset class name (see :func:`default_classnames`).
 DATASET_CLASSNAMES = {
