@@ -18,6 +18,10 @@ CHEXPERT_FINDINGS = (
     "Pneumonia", "Pneumothorax", "Support Devices",
 )
 
+# CT-CLIP's vector quantiser during adaptation: gradient straight through it (CT-CLIP's training)
+# or bypassed (the continuous tokens are pooled; a deviation from CT-CLIP).
+CT_QUANTIZER_MODES = ("straight-through", "bypass")
+
 # Run settings that acelora 0.1.0 kept in this config, so adapter folders it wrote carry them.
 # They say how the adapters were trained, not what they are: readers drop them (with a note).
 LEGACY_RUN_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_accum",
@@ -38,6 +42,8 @@ class ACELoRAConfig:
     lora_dropout: float = 0.1
     lora_scaling: str = "rslora"          # "rslora": alpha/sqrt(r) | "standard": alpha/r
     lora_towers: tuple[str, ...] = ("image", "text")
+    lora_rank_image: int | None = None       # rank of the image tower's adapters (None: lora_rank)
+    lora_rank_text: int | None = None        # rank of the text tower's adapters (None: lora_rank)
 
     # --- ACE-HGNN (DESIGN §5)
     hgnn: bool = True
@@ -53,6 +59,9 @@ class ACELoRAConfig:
     uncertain_label: int = 0                 # CheXpert -1 maps to this (0 or 1)
     blank_label: int = 0
 
+    # --- CT-CLIP bases only (DESIGN §13)
+    ct_quantizer: str = "straight-through"   # "straight-through" | "bypass" (see CT_QUANTIZER_MODES)
+
     preset: str = "paper"
 
     def __post_init__(self):
@@ -63,6 +72,12 @@ class ACELoRAConfig:
                 raise ValueError(f"{name} must be 'probs' or 'logits', got {getattr(self, name)!r}")
         if self.lora_rank < 1 or self.hgnn_topk < 1:
             raise ValueError("lora_rank and hgnn_topk must be >= 1")
+        for name in ("lora_rank_image", "lora_rank_text"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or null (= lora_rank), got {value!r}")
+        if self.ct_quantizer not in CT_QUANTIZER_MODES:
+            raise ValueError(f"ct_quantizer must be one of {CT_QUANTIZER_MODES}, got {self.ct_quantizer!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.preset not in PRESETS:
@@ -72,9 +87,21 @@ class ACELoRAConfig:
     @property
     def lora_scale(self) -> float:
         """s in ``W x + s · B A x``: alpha/sqrt(r) (rank-stabilised) or alpha/r."""
+        return self.scale_of(self.lora_rank)
+
+    def scale_of(self, rank: int) -> float:
+        """s for an adapter of rank ``rank``."""
         if self.lora_scaling == "rslora":
-            return self.lora_alpha / math.sqrt(self.lora_rank)
-        return self.lora_alpha / self.lora_rank
+            return self.lora_alpha / math.sqrt(rank)
+        return self.lora_alpha / rank
+
+    def rank_of(self, tower: str) -> int:
+        """The LoRA rank of the ``"image"`` or ``"text"`` tower."""
+        if tower not in ("image", "text"):
+            raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+        own = self.lora_rank_image if tower == "image" else self.lora_rank_text
+        return self.lora_rank if own is None else own
+
 
     def replace(self, **changes) -> "ACELoRAConfig":
         _check_fields(changes)
@@ -113,6 +140,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_cls_attn": "logits",
         "text_cls_attn": "probs",
         "lora_scaling": "rslora",
+    },
+    # MedCT-VLM on CT-CLIP (DESIGN §13): LoRA on q/k/v of every attention layer of both towers,
+    # no HGNN (CTViT has no global token), label-guided InfoNCE over CT-RATE's 18 labels. Rank 23:
+    # q/k/v LoRA costs 73,728·r parameters at v2 sizes (8 CTViT layers x 2,304·r + 12 BERT layers
+    # x 4,608·r), and r = 23 gives 1,695,744 (+1 logit scale), the count nearest the paper's
+    # ~1.67 M (r = 22: 1,622,016).
+    "medct": {
+        "hgnn": False,
+        "lora_rank": 23,
+        "lora_towers": ("image", "text"),
+        "label_guided": True,
     },
 }
 

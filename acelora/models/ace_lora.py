@@ -41,7 +41,7 @@ class CLIPModel(nn.Module):
         self.base = base
         self.tokenizer = tokenizer
         self.preprocess = preprocess
-        self.image_tower = image_tower(base.visual)
+        self.image_tower = image_tower(base)
         self.text_tower = text_tower(base)
         self.logit_scale = base.logit_scale  # shared with the base
         self.loss_fn = LabelGuidedInfoNCELoss()
@@ -54,6 +54,11 @@ class CLIPModel(nn.Module):
     @property
     def patch_size(self) -> int:
         return self.image_tower.patch_size
+
+    @property
+    def volume_shape(self) -> tuple[int, int, int] | None:
+        """(D, H, W) of the CT volumes a 3D image tower takes (CT-CLIP); None for 2D towers."""
+        return getattr(self.image_tower, "volume_shape", None)
 
     @property
     def embed_dim(self) -> int:
@@ -165,10 +170,19 @@ class ACELoRAModel(CLIPModel):
         unknown = set(config.lora_towers) - {"image", "text"}
         if unknown:
             raise ValueError(f"lora_towers may hold 'image' and 'text', got {sorted(unknown)}")
-        spec = LoRASpec(config.lora_rank, config.lora_scale, config.lora_dropout, backend)
-        self.layers = inject_attention(
-            {"image": self.image_tower, "text": self.text_tower},
-            {kind: spec if kind in config.lora_towers else None for kind in ("image", "text")})
+        if config.hgnn and not getattr(self.image_tower, "has_global_token", True):
+            raise ValueError(f"{type(base).__name__}'s image tower ({self.image_tower.name}) has no "
+                             "global token, so ACE-HGNN is not offered on it: use the medct preset "
+                             "or set hgnn: false")
+        if config.ct_quantizer != "straight-through":
+            if not hasattr(self.image_tower, "quantizer"):
+                raise ValueError(f"ct_quantizer={config.ct_quantizer!r} is for CT-CLIP bases; "
+                                 f"{type(base).__name__} has no vector quantiser")
+            self.image_tower.quantizer = config.ct_quantizer
+        specs = {kind: LoRASpec(config.rank_of(kind), config.scale_of(config.rank_of(kind)),
+                                config.lora_dropout, backend) for kind in config.lora_towers}
+        self.layers = inject_attention({"image": self.image_tower, "text": self.text_tower},
+                                       {kind: specs.get(kind) for kind in ("image", "text")})
         if config.hgnn:
             kw = dict(dim=self.embed_dim, hidden=config.hgnn_hidden, topk=config.hgnn_topk,
                       negative_slope=config.hgnn_negative_slope, backend=backend)

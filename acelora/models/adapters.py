@@ -36,7 +36,8 @@ FORMAT = "acelora-adapters"
 FORMAT_VERSION = 2  # 2: "config" holds the method config only (1 also held run settings)
 
 # Config fields that change the shapes/meaning of the saved tensors: they must agree on load.
-STRUCTURAL_FIELDS = ("lora_rank", "lora_towers", "hgnn", "hgnn_hidden")
+# So must each tower's LoRA rank (lora_rank, unless lora_rank_image / lora_rank_text set it).
+STRUCTURAL_FIELDS = ("lora_towers", "hgnn", "hgnn_hidden")
 
 
 def _towers(model: nn.Module):
@@ -47,7 +48,7 @@ def _towers(model: nn.Module):
     from acelora.models.tower_vit import image_tower
 
     dim = getattr(model, "embed_dim", None)
-    return image_tower(model.visual), text_tower(model), int(dim if dim is not None else model.visual.output_dim)
+    return image_tower(model), text_tower(model), int(dim if dim is not None else model.visual.output_dim)
 
 
 def describe_towers(image, text, embed_dim: int) -> dict[str, Any]:
@@ -60,6 +61,9 @@ def describe_towers(image, text, embed_dim: int) -> dict[str, Any]:
         "text_width": txt["width"], "text_depth": txt["depth"], "text_heads": txt["heads"],
         "vocab_size": txt["vocab_size"], "context_length": txt["context_length"],
         "image_tower": img["tower"], "text_tower": txt["tower"],
+        # What else defines a 3D tower (CTViT: depth patch, volume shape, codebook, pooling).
+        **{f"vision_{k}": v for k, v in img.items()
+           if k not in ("tower", "image_size", "patch_size", "width", "depth", "heads")},
     }
 
 
@@ -161,7 +165,9 @@ def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor
 
 
 def check_structure(saved: ACELoRAConfig, current: ACELoRAConfig) -> None:
-    diffs = [f"{name}: saved {getattr(saved, name)!r}, model {getattr(current, name)!r}"
-             for name in STRUCTURAL_FIELDS if getattr(saved, name) != getattr(current, name)]
+    diffs = [f"lora_rank ({tower} tower): saved {saved.rank_of(tower)}, model {current.rank_of(tower)}"
+             for tower in ("image", "text") if saved.rank_of(tower) != current.rank_of(tower)]
+    diffs += [f"{name}: saved {getattr(saved, name)!r}, model {getattr(current, name)!r}"
+              for name in STRUCTURAL_FIELDS if getattr(saved, name) != getattr(current, name)]
     if diffs:
         raise ValueError("adapter config does not match the model's: " + "; ".join(diffs))

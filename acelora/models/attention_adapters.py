@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from acelora.nn.attention import BertQKVSelfAttention, MultiheadSelfAttention, ViTAttention
-from acelora.nn.lora import LoRAQKV
+from acelora.nn.lora import BlockLoRA, LoRALinear, LoRAQKV
 
 ACELORA_ATTENTION = (ViTAttention, BertQKVSelfAttention, MultiheadSelfAttention)
 
@@ -32,6 +32,11 @@ class LoRASpec:
     def qkv(self, weight: torch.Tensor, bias: torch.Tensor | None) -> LoRAQKV:
         return LoRAQKV(weight, bias, rank=self.rank, scale=self.scale, dropout=self.dropout,
                        backend=self.backend)
+
+    def linear(self, linear: nn.Linear, n_blocks: int = 1) -> LoRALinear:
+        """LoRA on one frozen Linear whose output is ``n_blocks`` projections (e.g. fused k|v)."""
+        return LoRALinear(linear.weight, linear.bias, n_blocks=n_blocks, rank=self.rank,
+                          scale=self.scale, dropout=self.dropout)
 
 
 def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -117,8 +122,39 @@ class MultiheadAttentionAdapter(AttentionAdapter):
         return MultiheadSelfAttention(module, _merged(module.in_proj_weight, module.in_proj_bias, lora))
 
 
+class CTViTAttentionAdapter(AttentionAdapter):
+    """CT-CLIP's cosine attention (``acelora.models.ctvit.CosineAttention``): ``to_q`` reads the
+    normalised tokens, the fused ``to_kv`` (d -> 2·inner) the raw ones.
+
+    Composed, not fused: ``to_q`` gets a one-block ``LoRALinear`` and ``to_kv`` a two-block one
+    (independent k and v adapters and dropout masks), replaced in place inside the same attention
+    module, which already runs on SDPA. The fused LoRA-QKV op needs one input for q, k and v;
+    here there are two, and the base computes two GEMMs anyway (why: ``acelora.models.tower_ct``).
+    CTViT has no global token, so there is no attention row to return. ``lora`` None leaves the
+    module as it is.
+    """
+
+    name = "ctvit-cosine-attention"
+
+    @staticmethod
+    def matches(module):
+        projections = (nn.Linear, BlockLoRA)
+        return (isinstance(getattr(module, "to_q", None), projections)
+                and isinstance(getattr(module, "to_kv", None), projections)
+                and hasattr(module, "q_scale") and hasattr(module, "k_scale"))
+
+    @staticmethod
+    def inject(module, lora):
+        if isinstance(module.to_q, BlockLoRA) or isinstance(module.to_kv, BlockLoRA):
+            raise ValueError("this model already has acelora attention modules (injected twice)")
+        if lora is not None:
+            module.to_q = lora.linear(module.to_q, n_blocks=1)
+            module.to_kv = lora.linear(module.to_kv, n_blocks=2)
+        return module
+
+
 ATTENTION_ADAPTERS: list[type[AttentionAdapter]] = [
-    TimmAttentionAdapter, BertSelfAttentionAdapter, MultiheadAttentionAdapter]
+    TimmAttentionAdapter, BertSelfAttentionAdapter, MultiheadAttentionAdapter, CTViTAttentionAdapter]
 
 
 def register_attention_adapter(adapter: type[AttentionAdapter], first: bool = True) -> None:

@@ -117,6 +117,17 @@ class CTCLIP(nn.Module):
     def volume_shape(self) -> tuple[int, int, int]:
         return self.config.volume_shape
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per layer of CTViT's two transformers and of CXR-BERT."""
+        vit = self.visual_transformer
+        for transformer in (vit.enc_spatial_transformer, vit.enc_temporal_transformer):
+            transformer.grad_checkpointing = bool(enable)
+        bert = self.text_transformer
+        # transformers >= 5 names the switch activation_checkpointing_* (the old name warns)
+        name = "activation_checkpointing" if hasattr(bert, "activation_checkpointing_enable") \
+            else "gradient_checkpointing"
+        getattr(bert, f"{name}_enable" if enable else f"{name}_disable")()
+
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, T, h, w, dim]`` -> ``[B, dim_image]`` as CT-CLIP pools (v2 mean over depth)."""
         if self.config.pooling == "mean_depth":

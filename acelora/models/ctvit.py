@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -189,25 +190,40 @@ class ContinuousPositionBias(nn.Module):
         return self._cache[1]
 
 
+class TransformerLayer(nn.ModuleList):
+    """``[PEG, attention, None, feed-forward]`` (CT-CLIP's indices; slot 2 is its unused
+    cross-attention), each residual. A module with a ``forward`` of its own, so activation
+    checkpointing can wrap a whole layer (``Transformer.grad_checkpointing`` or the trainer's)."""
+
+    def forward(self, x: torch.Tensor, grid_shape: Sequence[int],
+                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        peg, attn, _, ff = self
+        x = peg(x, grid_shape) + x
+        x = attn(x, attn_bias) + x
+        return ff(x) + x
+
+
 class Transformer(nn.Module):
-    """``layers[i] = [PEG, attention, None, feed-forward]`` (CT-CLIP's indices; slot 2 is its
-    unused cross-attention), then ``norm_out``."""
+    """``layers[i]``: :class:`TransformerLayer`, then ``norm_out``. With ``grad_checkpointing``
+    each layer's activations are recomputed in the backward pass."""
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, ff_mult: int = 4,
                  attn_scale: float = 8.0):
         super().__init__()
         self.layers = nn.ModuleList([
-            nn.ModuleList([PositionGenerator(dim), CosineAttention(dim, heads, dim_head, attn_scale),
-                           None, feed_forward(dim, ff_mult)])
+            TransformerLayer([PositionGenerator(dim), CosineAttention(dim, heads, dim_head, attn_scale),
+                              None, feed_forward(dim, ff_mult)])
             for _ in range(depth)])
         self.norm_out = BiasFreeLayerNorm(dim)
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, grid_shape: Sequence[int],
                 attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        for peg, attn, _, ff in self.layers:
-            x = peg(x, grid_shape) + x
-            x = attn(x, attn_bias) + x
-            x = ff(x) + x
+        for layer in self.layers:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, grid_shape, attn_bias, use_reentrant=False)
+            else:
+                x = layer(x, grid_shape, attn_bias)
         return self.norm_out(x)
 
 

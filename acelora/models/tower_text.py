@@ -1,6 +1,7 @@
-"""Text towers: an HF BERT inside open_clip's ``HFTextEncoder`` (BiomedCLIP; CLS pooled) and
-open_clip's native causal ``TextTransformer`` (OpenAI-style CLIPs; EOT pooled). For the EOT-pooled
-tower the pooled token is moved to index 0 and the positions after it are padding."""
+"""Text towers: an HF BERT with a projection, CLS pooled (BiomedCLIP's open_clip ``HFTextEncoder``;
+CT-CLIP's ``text_transformer`` + ``to_text_latent``), and open_clip's native causal
+``TextTransformer`` (OpenAI-style CLIPs; EOT pooled). For the EOT-pooled tower the pooled token is
+moved to index 0 and the positions after it are padding."""
 from __future__ import annotations
 
 import torch
@@ -10,21 +11,31 @@ from acelora.models.towers import TextTower, TowerOutput, run_blocks
 
 
 class HFBertTower(TextTower):
-    """``text`` = open_clip ``HFTextEncoder`` over a BERT, CLS-token pooled, ``proj`` on tokens."""
+    """An HF ``BertModel`` pooled on its CLS token's last hidden state, ``proj`` applied to the
+    tokens: open_clip's ``HFTextEncoder`` (``from_open_clip``) or CT-CLIP's ``text_transformer``
+    with ``to_text_latent``."""
 
     name = "hf-bert"
 
-    def __init__(self, text: nn.Module, context_length: int):
-        layers = getattr(getattr(getattr(text, "transformer", None), "encoder", None), "layer", None)
+    def __init__(self, bert: nn.Module, proj: nn.Module, context_length: int):
+        layers = getattr(getattr(bert, "encoder", None), "layer", None)
         if layers is None or len(layers) == 0 or not all(hasattr(l, "attention") for l in layers):
+            raise TypeError("the text tower must be a BERT model (encoder.layer[i].attention.self)")
+        self.bert, self.proj = bert, proj
+        self._context_length = int(context_length)
+
+    @classmethod
+    def from_open_clip(cls, text: nn.Module, context_length: int) -> "HFBertTower":
+        """The tower of an open_clip ``HFTextEncoder`` over a BERT (BiomedCLIP)."""
+        bert = getattr(text, "transformer", None)
+        if getattr(getattr(bert, "encoder", None), "layer", None) is None:
             raise TypeError("the text tower must be an open_clip HFTextEncoder over a BERT model "
                             "(text.transformer.encoder.layer[i].attention.self)")
         pooler = type(getattr(text, "pooler", None)).__name__
         if pooler != "ClsLastHiddenStatePooler" and not (
-                pooler == "ClsPooler" and getattr(text.transformer, "pooler", None) is None):
+                pooler == "ClsPooler" and getattr(bert, "pooler", None) is None):
             raise ValueError(f"only CLS-token pooled HF text towers are supported (pooler {pooler})")
-        self.text, self.bert = text, text.transformer
-        self._context_length = int(context_length)
+        return cls(bert, text.proj, context_length)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -53,7 +64,7 @@ class HFBertTower(TextTower):
 
     def hashed_tensors(self):
         return {"word_embeddings": self.bert.embeddings.word_embeddings.weight,
-                "text_proj": next(p for p in self.text.proj.parameters())}
+                "text_proj": next(p for p in self.proj.parameters())}
 
     def _hidden(self, input_ids, attention_mask, row_mode):
         h = self.bert.embeddings(input_ids=input_ids)
@@ -77,13 +88,13 @@ class HFBertTower(TextTower):
     def __call__(self, input_ids, attention_mask=None, row_mode=None) -> TowerOutput:
         ids, mask = self.fit(*self.check(input_ids, attention_mask))
         h, row = self._hidden(ids, mask, row_mode)
-        return TowerOutput(self.text.proj(h), None if row is None else row[:, 1:],
+        return TowerOutput(self.proj(h), None if row is None else row[:, 1:],
                            self.vertex_padding(mask))
 
     def pooled(self, input_ids, attention_mask=None):
         ids, mask = self.check(input_ids, attention_mask)
         h, _ = self._hidden(ids, mask, None)
-        return self.text.proj(h[:, 0])
+        return self.proj(h[:, 0])
 
 
 class OpenCLIPTextTower(TextTower):
@@ -208,9 +219,13 @@ TEXT_TOWERS = (HFBertTower, OpenCLIPTextTower)
 
 
 def text_tower(model: nn.Module) -> TextTower:
-    """The text tower of an open_clip model (first matching type)."""
+    """The text tower of an open_clip model or a CT-CLIP (first matching type)."""
+    from acelora.models.tower_ct import is_ctclip
+
+    if is_ctclip(model):   # CXR-BERT: CLS state -> to_text_latent
+        return HFBertTower(model.text_transformer, model.to_text_latent, int(model.context_length))
     if HFBertTower.matches(model):
-        return HFBertTower(model.text, int(model.context_length))
+        return HFBertTower.from_open_clip(model.text, int(model.context_length))
     if OpenCLIPTextTower.matches(model):
         return OpenCLIPTextTower(model)
     text = getattr(model, "text", None)

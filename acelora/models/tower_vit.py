@@ -158,11 +158,18 @@ class OpenCLIPViTTower(ImageTower):
 IMAGE_TOWERS = (TimmViTTower, OpenCLIPViTTower)
 
 
-def image_tower(visual: nn.Module) -> ImageTower:
-    """The image tower of an open_clip ``model.visual`` (first matching type)."""
+def image_tower(model: nn.Module) -> ImageTower:
+    """The image tower of a base model: CT-CLIP's CTViT, or the ViT of an open_clip model (the
+    model or its ``model.visual``; first matching type)."""
+    from acelora.models.tower_ct import CTViTTower, is_ctclip
+
+    if is_ctclip(model):
+        return CTViTTower(model)
+    visual = getattr(model, "visual", model)
     for cls in IMAGE_TOWERS:
         if cls.matches(visual):
             return cls(visual)
     raise ValueError(f"unsupported image tower {type(visual).__name__}: acelora supports ViT towers "
-                     "(timm ViT in open_clip, open_clip's native VisionTransformer); ResNet, "
+                     "(timm ViT in open_clip, open_clip's native VisionTransformer) and CT-CLIP's "
+                     "CTViT; ResNet, "
                      "ConvNeXt and other families are not supported")
