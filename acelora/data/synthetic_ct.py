@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from acelora.data.ct_transforms import dhw_to_nifti
-from acelora.data.ctrate import CT_RATE_FINDINGS
+from acelora.data.ct_transforms import CTPreprocess, dhw_to_nifti
+from acelora.data.ctrate import CT_RATE_FINDINGS, report_text
 
 SYNTHETIC_CT_FINDINGS = ("Pleural effusion", "Lung nodule", "Cardiomegaly", "Emphysema",
                          "Consolidation")
@@ -26,19 +26,28 @@ RESCALES = ((1.0, -1024.0), (0.5, -1000.0), (1.0, -2048.0))
 
 _POSITIVE = {
     "Pleural effusion": ("Pleural effusion is seen in the {side} hemithorax.",
-                         "There is {side} pleural effusion with adjacent compressive changes."),
+                         "There is {side} pleural effusion with adjacent compressive changes.",
+                         "Pleural effusion is present on the {side} side."),
     "Lung nodule": ("A {size} mm nodule is present in the {side} lung.",
-                    "Solid lung nodule measuring {size} mm in the {side} lower lobe."),
-    "Cardiomegaly": ("The heart is enlarged (cardiomegaly).", "Cardiomegaly is observed."),
+                    "Solid lung nodule measuring {size} mm in the {side} lower lobe.",
+                    "Lung nodule is present in the {side} lung."),
+    "Cardiomegaly": ("The heart is enlarged (cardiomegaly).", "Cardiomegaly is observed.",
+                     "Cardiomegaly is present."),
     "Emphysema": ("Diffuse emphysema is seen in both lungs.",
-                  "Centrilobular emphysematous changes are present in both lungs."),
+                  "Centrilobular emphysematous changes are present in both lungs.",
+                  "Emphysema is present in both lungs."),
     "Consolidation": ("Consolidation is present in the {side} lung.",
                       "An area of consolidation with air bronchograms in the {side} lower lobe."),
 }
+# Negations both ways radiologists write them ("No X." and "X is not present."), and positives
+# that also say "X is present": a text tower trained from scratch on these reports (the CT
+# demo's) then meets the wording of CT-CLIP's zero-shot prompts.
 _NEGATIVE = {
-    "Pleural effusion": "No pleural effusion.", "Lung nodule": "No lung nodule was detected.",
-    "Cardiomegaly": "Heart size is normal.", "Emphysema": "No emphysema.",
-    "Consolidation": "No consolidation was observed.",
+    "Pleural effusion": ("No pleural effusion.", "Pleural effusion is not present."),
+    "Lung nodule": ("No lung nodule was detected.", "Lung nodule is not present."),
+    "Cardiomegaly": ("Heart size is normal.", "Cardiomegaly is not present."),
+    "Emphysema": ("No emphysema.", "Emphysema is not present."),
+    "Consolidation": ("No consolidation was observed.", "Consolidation is not present."),
 }
 
 
@@ -117,7 +126,7 @@ def synthetic_report(findings: Sequence[str], rng: np.random.Generator) -> dict:
             sentences.append(template.format(side=("right", "left")[int(rng.integers(2))],
                                              size=int(rng.integers(4, 12))))
         elif rng.random() < 0.5:
-            sentences.append(_NEGATIVE[name])
+            sentences.append(_NEGATIVE[name][int(rng.integers(len(_NEGATIVE[name])))])
     if findings:
         impressions = ", ".join(f.lower() for f in findings).capitalize() + "."
     else:
@@ -214,4 +223,44 @@ def write_ct_rate(root: str, patients: dict | None = None, shape: Sequence[int] 
     return out
 
 
-__all__ = ["SYNTHETIC_CT_FINDINGS", "render_ct", "synthetic_report", "write_ct_rate"]
+class SyntheticCTPairs:
+    """``n`` synthetic volume–report pairs made in memory at a model's input size (no files): the
+    CT demo's data. Items as :class:`~acelora.data.ctrate.CTRATEDataset` gives them: ``image``
+    ``[1, D, H, W]`` through ``preprocess`` (CT-CLIP's: HU clip, ÷1000; rendered at its target
+    spacing and shape, so nothing is resampled), ``labels`` over ``findings`` (default CT-RATE's
+    18), ``text`` = Findings (+ Impressions), ``id``. Deterministic in ``seed``; ``shift`` as in
+    :func:`render_ct`."""
+
+    def __init__(self, n: int, preprocess: CTPreprocess | None = None, shift: float = 0.0,
+                 seed: int = 0, finding_rate: float = 0.35, findings: Sequence[str] = CT_RATE_FINDINGS,
+                 with_impressions: bool = True):
+        import torch
+
+        self.preprocess = preprocess or CTPreprocess(target_spacing=(22.5, 7.5, 7.5),
+                                                     target_shape=(16, 48, 48))
+        self.classes = list(findings)
+        spacing, shape = self.preprocess.target_spacing, self.preprocess.target_shape
+        rng = np.random.default_rng(seed)
+        self.items = []
+        for i in range(int(n)):
+            present = [f for f in SYNTHETIC_CT_FINDINGS if rng.random() < finding_rate]
+            hu = render_ct(present, shape, spacing, shift=shift,
+                           rng=np.random.default_rng(int(rng.integers(2 ** 31))))
+            report = synthetic_report(present, rng)
+            text = report_text(report["Findings_EN"],
+                               report["Impressions_EN"] if with_impressions else None)
+            labels = torch.tensor([float(f in present) for f in self.classes])
+            self.items.append({"image": self.preprocess(hu, spacing), "labels": labels,
+                               "text": text, "id": f"synthetic_ct_{seed}_{i}"})
+        self.labels = torch.stack([item["labels"] for item in self.items]) if self.items else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        return {**item, "image": item["image"].clone(), "labels": item["labels"].clone()}
+
+
+__all__ = ["SYNTHETIC_CT_FINDINGS", "SyntheticCTPairs", "render_ct", "synthetic_report",
+           "write_ct_rate"]

@@ -37,6 +37,9 @@ def build_train_dataset(cfg: TrainConfig, model: nn.Module):
                                    caption_column=cfg.caption_column, label_columns=cfg.label_columns,
                                    transform=model.image_transform(train=True),
                                    on_error="skip")
+    if cfg.dataset == "ct-rate":
+        from acelora.train.ct import ct_rate_train_dataset
+        return ct_rate_train_dataset(cfg, model)
     raise ValueError(f"unknown dataset {cfg.dataset!r}")
 
 
@@ -44,9 +47,12 @@ def build_evaluator(cfg: TrainConfig, model: nn.Module) -> tuple[Callable | None
     """(evaluate(model) -> metrics, name of the metric that picks the best epoch)."""
     kind = cfg.val
     if kind == "auto":
-        kind = "synthetic" if cfg.dataset == "synthetic" else "none"
+        kind = {"synthetic": "synthetic", "ct-rate": "ct-rate"}.get(cfg.dataset, "none")
     if kind == "none":
         return None, cfg.val_metric
+    if kind == "ct-rate":
+        from acelora.train.ct import ct_rate_evaluator
+        return ct_rate_evaluator(cfg, model)
     if kind == "synthetic":
         from acelora.data.synthetic import SyntheticCXRPairs
         val = SyntheticCXRPairs(cfg.val_size, image_size=model.image_size,

@@ -28,9 +28,9 @@ from typing import Any
 from acelora.config import PRESETS, ACELoRAConfig, get_config
 from acelora.ops import BACKENDS
 
-DATASETS = ("synthetic", "mimic", "captions")
+DATASETS = ("synthetic", "mimic", "captions", "ct-rate")
 VALIDATIONS = ("auto", "none", "synthetic", "chexpert5x200", "nih", "lc25000-lung", "lc25000-colon",
-               "mhist")
+               "mhist", "ct-rate")
 NAN_POLICIES = ("skip", "error")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -65,6 +65,8 @@ class TrainConfig:
     image_column: str = "image"              # captions: data_root is the CSV (or its folder)
     caption_column: str = "caption"
     label_columns: str | list[str] | None = None  # captions: label column(s) (label-guided loss)
+    with_impressions: bool = True            # ct-rate: text = Findings + Impressions (else Findings)
+    cache_dir: str | None = None             # ct-rate: keep preprocessed volumes here (int16)
     val: str = "auto"                        # auto: synthetic for synthetic data, else none
     val_root: str | None = None
     val_size: int = 200                      # synthetic validation items
@@ -93,9 +95,12 @@ class TrainConfig:
             raise ValueError("dataset 'mimic' needs data_root (the MIMIC-CXR-JPG folder)")
         if self.dataset == "captions" and not self.data_root:
             raise ValueError("dataset 'captions' needs data_root (the image-caption CSV)")
+        if self.dataset == "ct-rate" and not self.data_root:
+            raise ValueError("dataset 'ct-rate' needs data_root (the CT-RATE download's folder)")
         if self.val not in VALIDATIONS:
             raise ValueError(f"val must be one of {VALIDATIONS}, got {self.val!r}")
-        if self.val not in ("auto", "none", "synthetic") and not self.val_root:
+        if self.val not in ("auto", "none", "synthetic") and not self.val_root \
+                and not (self.val == "ct-rate" and self.dataset == "ct-rate"):
             raise ValueError(f"val {self.val!r} needs val_root (the data set's folder)")
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
